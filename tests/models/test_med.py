@@ -92,3 +92,23 @@ def test_unknown_mode_and_missing_image_are_clear_errors(retrieval):
     ids = jnp.ones((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="needs encoder_hidden_states"):
         model.apply({"params": params}, ids, ids, None, method="itm_logits")
+
+
+def test_text_remat_gives_identical_gradients():
+    config = model_config("tiny", "tiny")
+    config.text.vocab_size = 64
+    params = init_params(config, "pretrain", jax.random.key(0))
+    image = jax.random.normal(jax.random.key(1), (2, 17, 32))
+    ids = jnp.array([[3, 5, 6, 7], [3, 8, 9, 0]])
+    mask = (ids > 0).astype(jnp.int32)
+
+    def loss(p, cfg):
+        model = build_model(cfg, "pretrain")
+        text = model.apply({"params": p}, ids, mask, method="text_features").sum()
+        return text + model.apply({"params": p}, ids, mask, image, method="lm_logits").sum()
+
+    remat_config = model_config("tiny", "tiny")
+    remat_config.text.vocab_size = 64
+    remat_config.remat.text_layers = 2
+    grads, remat_grads = jax.grad(loss)(params, config), jax.grad(loss)(params, remat_config)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, remat_grads)
