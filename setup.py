@@ -26,6 +26,7 @@ setup(
         "safetensors",
         "tensorflow-cpu",
         "tensorflow-datasets>=4.9",
+        "importlib_resources",  # tfds 4.9.10 imports it when building a dataset
         "tqdm",
         "absl-py",
         "tensorboardX",

@@ -1,0 +1,1 @@
+"""Weights in and out: transformers BLIP, original Salesforce checkpoints, one key-mapping table."""

@@ -1,0 +1,1 @@
+"""tfds builders: synthetic_shapes (embedded, offline) and blip_json (BLIP annotation JSON)."""
