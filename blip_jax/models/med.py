@@ -68,6 +68,11 @@ class AttentionCore(nn.Module):
         dropout_rng = None
         if config.attention_dropout > 0.0 and not deterministic:
             dropout_rng = self.make_rng("dropout")
+        if self.cross and decode and key.shape[0] != query.shape[0]:
+            # Decoding n beams / samples per input from a cache whose cross K/V hold one row per input
+            # (decode.py): rows b*n .. b*n+n-1 share input b's K/V, so fold them into the query length.
+            per_input = query.shape[0] // key.shape[0]
+            query = query.reshape(key.shape[0], per_input * query.shape[1], heads, width // heads)
         out = dot_product_attention(
             query, key, value, key_padding_mask=key_padding_mask, causal=causal, mask=extra_mask,
             dropout_rate=config.attention_dropout, dropout_rng=dropout_rng, deterministic=deterministic,

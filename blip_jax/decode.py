@@ -1,0 +1,523 @@
+"""Autoregressive decoding for BLIP: greedy, beam search and nucleus sampling over the KV cache.
+
+Every mode is one compiled XLA program per (model, shapes, mode): the image encoder, the prefill of the
+prompt (which also computes the cross-attention K/V once per image), and a `lax.while_loop` over the
+tokens, with no host round trip per token. The token ids are those transformers' `generate` returns
+for the same model (blip.md §2.6, §2.7), step by step:
+
+  greedy / sampling  `GenerationMixin._sample`: logits -> repetition penalty -> min length
+                     [-> temperature -> top-k -> top-p -> categorical]; pad after eos; stop when every
+                     row has finished.
+  beam search        `GenerationMixin._beam_search` (transformers >= 4.50, vectorised): log-softmax ->
+                     repetition penalty -> min length -> top 2K over K*V -> running / finished beams
+                     with the length penalty and the early-stopping heuristic, same -1e9 arithmetic.
+
+Output: (B * num_return_sequences, L) int32, [DEC] first, pad (0) after [SEP], L cropped exactly as
+transformers crops it. One deliberate difference: transformers 5 fills the tail of a finished beam
+hypothesis with [SEP] (its fill value is `pad_token_id or eos`, and pad is 0); we fill it with pad 0,
+as greedy/sampling and transformers 4.15 (the version BLIP used) do. Decoded text is identical.
+Sampling draws from the same distributions as transformers, with JAX's RNG (seeded, reproducible).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_BIG = -1.0e9  # transformers' "very large negative" for beams that must not be picked
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings.
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything that changes the compiled program (hashable, a jit static argument)."""
+
+    mode: str  # "greedy" | "sample" | "beam"
+    num_beams: int
+    rows_per_input: int  # beams, or sampled sequences per input
+    max_length: int
+    eos: int
+    pad: int
+
+
+def _float32(x) -> np.ndarray:
+    return np.asarray(x, np.float64).astype(np.float32)
+
+
+def _settings(*, vocab_size, eos, pad, num_beams, max_length, min_length, repetition_penalty, length_penalty,
+              early_stopping, do_sample, top_p, top_k, temperature, num_return_sequences, seed, prompt_length,
+              max_positions):
+    """Validate the generation arguments (one-line errors) -> (_Static, dynamic dict of arrays)."""
+    num_beams, max_length, min_length = int(num_beams), int(max_length), int(min_length)
+    num_return_sequences = int(num_return_sequences)
+    if num_beams < 1:
+        raise ValueError(f"num_beams {num_beams} must be >= 1")
+    if max_length <= prompt_length:
+        raise ValueError(f"max_length {max_length} must exceed the prompt length {prompt_length} "
+                         "(max_length counts [DEC] and the prompt tokens, as in BLIP)")
+    if max_length > max_positions:
+        raise ValueError(f"max_length {max_length} exceeds the decoder's {max_positions} position embeddings: "
+                         f"use max_length <= {max_positions}")
+    if min_length < 0:
+        raise ValueError(f"min_length {min_length} must be >= 0")
+    if repetition_penalty is None:
+        repetition_penalty = 1.1 if do_sample else 1.0  # BLIP's sampling default (blip.md §2.6)
+    if not float(repetition_penalty) > 0:
+        raise ValueError(f"repetition_penalty {repetition_penalty} must be > 0 (1.0 = off)")
+    if early_stopping not in (False, True, "never"):
+        raise ValueError(f"early_stopping {early_stopping!r} must be False, True or 'never'")
+    if num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences {num_return_sequences} must be >= 1")
+    if do_sample:
+        if num_beams != 1:
+            raise ValueError("beam sampling (do_sample with num_beams > 1) is not supported: "
+                             "use do_sample=True with num_beams=1, or beam search without sampling")
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature {temperature} must be > 0")
+        if not 0.0 <= float(top_p) <= 1.0:
+            raise ValueError(f"top_p {top_p} must be in [0, 1]")
+        if int(top_k) < 0:
+            raise ValueError(f"top_k {top_k} must be >= 0 (0 = off)")
+        mode = "sample"
+    elif num_beams > 1:
+        if num_return_sequences > num_beams:
+            raise ValueError(f"num_return_sequences {num_return_sequences} must be <= num_beams {num_beams}")
+        if 2 * num_beams > vocab_size:
+            raise ValueError(f"num_beams {num_beams} needs a vocabulary of at least {2 * num_beams} tokens")
+        mode = "beam"
+    else:
+        if num_return_sequences != 1:
+            raise ValueError("greedy decoding returns one sequence per input: use num_beams >= "
+                             f"{num_return_sequences} or do_sample=True for num_return_sequences > 1")
+        mode = "greedy"
+    static = _Static(mode=mode, num_beams=num_beams,
+                     rows_per_input=num_beams if mode == "beam" else num_return_sequences,
+                     max_length=max_length, eos=int(eos), pad=int(pad))
+
+    # Length-penalty denominators, computed in float64 and cast, as torch divides a float32 tensor by
+    # a Python float: final[n] = n ** lp for a hypothesis of n generated tokens; heuristic[cur_len] is
+    # the best-possible-length denominator of `_check_early_stop_heuristic`.
+    lengths = np.arange(max_length + 1)
+    final = [float(n) ** float(length_penalty) if n > 0 else 1.0 for n in lengths]
+    heuristic = []
+    for cur_len in lengths:
+        best = max_length - prompt_length if (early_stopping == "never" and length_penalty > 0.0) \
+            else cur_len - prompt_length
+        heuristic.append(float(best) ** float(length_penalty) if best > 0 else 1.0)
+    top_k_effective = vocab_size if int(top_k) == 0 else min(max(int(top_k), 1), vocab_size)
+    dynamic = dict(
+        min_length=np.int32(min_length),
+        repetition_penalty=_float32(repetition_penalty),
+        early_stopping=np.bool_(early_stopping is True),
+        final_denominator=_float32(final),
+        heuristic_denominator=_float32(heuristic),
+        temperature=_float32(temperature),
+        top_k=np.int32(top_k_effective),
+        # transformers removes sorted tokens whose cumulative probability is <= 1 - top_p (computed in
+        # Python, then compared in float32); top_p >= 1 disables the filter.
+        top_p_threshold=_float32(1.0 - float(top_p) if float(top_p) < 1.0 else -1.0),
+        key=jax.random.key_data(jax.random.key(int(seed))),
+    )
+    return static, dynamic
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logits processors (transformers' semantics, vectorised).
+# ----------------------------------------------------------------------------------------------------
+def _seen_tokens(sequences, cur_len, vocab_size):
+    """(N, L) ids, of which the first cur_len are valid -> (N, V) bool: token occurs in the prefix."""
+    rows = jnp.arange(sequences.shape[0])[:, None]
+    valid = jnp.arange(sequences.shape[1])[None, :] < cur_len
+    ids = jnp.where(valid, sequences, vocab_size)
+    seen = jnp.zeros((sequences.shape[0], vocab_size + 1), bool).at[rows, ids].set(True)
+    return seen[:, :vocab_size]
+
+
+def apply_repetition_penalty(scores, sequences, cur_len, penalty):
+    """RepetitionPenaltyLogitsProcessor: scores of tokens already in the prefix are divided by
+    `penalty` when positive and multiplied by it when negative. scores (N, V) f32; sequences (N, L)."""
+    seen = _seen_tokens(sequences, cur_len, scores.shape[-1])
+    penalized = jnp.where(scores < 0, scores * penalty, scores / penalty)
+    return jnp.where(seen, penalized, scores)
+
+
+def apply_min_length(scores, cur_len, min_length, eos):
+    """MinLengthLogitsProcessor: eos is impossible while the sequence (prompt included) is shorter."""
+    blocked = (jnp.arange(scores.shape[-1]) == eos) & (cur_len < min_length)
+    return jnp.where(blocked[None, :], -jnp.inf, scores)
+
+
+def apply_top_k(scores, top_k):
+    """TopKLogitsWarper: drop scores below the k-th largest. top_k (int, may be traced) in [1, V]."""
+    kth_largest = jnp.sort(scores, axis=-1)[:, scores.shape[-1] - top_k]
+    return jnp.where(scores < kth_largest[:, None], -jnp.inf, scores)
+
+
+def apply_top_p(scores, threshold):
+    """TopPLogitsWarper (min_tokens_to_keep=1): sort ascending, drop the tokens whose cumulative
+    probability is <= threshold (= 1 - top_p), always keep the most likely one."""
+    order = jnp.argsort(scores, axis=-1)
+    sorted_scores = jnp.take_along_axis(scores, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_scores, axis=-1), axis=-1)
+    remove_sorted = (cumulative <= threshold).at[:, -1].set(False)
+    rows = jnp.arange(scores.shape[0])[:, None]
+    remove = jnp.zeros(scores.shape, bool).at[rows, order].set(remove_sorted)
+    return jnp.where(remove, -jnp.inf, scores)
+
+
+def top_p_filter(logits, top_p: float):
+    """The nucleus kept by `top_p` for (N, V) logits: the logits with everything outside set to -inf."""
+    threshold = _float32(1.0 - float(top_p) if float(top_p) < 1.0 else -1.0)
+    return apply_top_p(jnp.asarray(logits, jnp.float32), threshold)
+
+
+def sampling_scores(logits, sequences, cur_len, dynamic, eos):
+    """The processed scores a sampling step draws from (repetition, min length, temperature, top-k, top-p)."""
+    scores = apply_repetition_penalty(logits, sequences, cur_len, dynamic["repetition_penalty"])
+    scores = apply_min_length(scores, cur_len, dynamic["min_length"], eos)
+    scores = scores / dynamic["temperature"]
+    scores = apply_top_k(scores, dynamic["top_k"])
+    return apply_top_p(scores, dynamic["top_p_threshold"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The decode loops. `forward(cache, ids (N, 1)) -> (logits (N, V) float32, cache)`.
+# ----------------------------------------------------------------------------------------------------
+def _reorder_self_attention_cache(cache, rows):
+    """Gather the decoder self-attention K/V (flat {path: array}) along axis 0 for beam search; scalars
+    (cache / position indices) stay. Cross K/V are not in here: they are shared by an image's beams."""
+    return {path: leaf[rows] if path[-1] in ("cached_key", "cached_value") else leaf
+            for path, leaf in cache.items()}
+
+
+def _write_column(sequences, column, values):
+    """sequences[..., column] = values for a traced column index."""
+    positions = jnp.arange(sequences.shape[-1])
+    return jnp.where(positions == column, values[..., None], sequences)
+
+
+def _greedy_or_sample(forward, logits, cache, start_ids, static: _Static, dynamic):
+    """transformers' `_sample` loop. start_ids (N, P); logits (N, V) for the next token.
+    Returns (sequences (N, max_length), length)."""
+    rows, prompt_length = start_ids.shape
+    max_length = static.max_length
+    sequences = jnp.full((rows, max_length), static.pad, jnp.int32).at[:, :prompt_length].set(start_ids)
+    key = jax.random.wrap_key_data(dynamic["key"])
+
+    def body(state):
+        cur_len, sequences, unfinished, _, logits, cache = state
+        if static.mode == "sample":
+            scores = sampling_scores(logits, sequences, cur_len, dynamic, static.eos)
+            tokens = jax.random.categorical(jax.random.fold_in(key, cur_len), scores, axis=-1)
+        else:
+            scores = apply_repetition_penalty(logits, sequences, cur_len, dynamic["repetition_penalty"])
+            scores = apply_min_length(scores, cur_len, dynamic["min_length"], static.eos)
+            tokens = jnp.argmax(scores, axis=-1)
+        tokens = jnp.where(unfinished, tokens.astype(jnp.int32), static.pad)
+        sequences = _write_column(sequences, cur_len, tokens)
+        unfinished = unfinished & (tokens != static.eos) & (cur_len + 1 < max_length)
+        done = ~jnp.any(unfinished)
+        logits, cache = jax.lax.cond(done, lambda: (logits, cache), lambda: forward(cache, tokens[:, None]))
+        return cur_len + 1, sequences, unfinished, done, logits, cache
+
+    state = (jnp.int32(prompt_length), sequences, jnp.ones((rows,), bool), jnp.bool_(False), logits, cache)
+    cur_len, sequences, *_ = jax.lax.while_loop(lambda state: ~state[3], body, state)
+    return sequences, cur_len
+
+
+def _gather_beams(values, indices):
+    """values (B, K, ...) , indices (B, K') -> (B, K', ...)."""
+    indices = indices.reshape(indices.shape + (1,) * (values.ndim - 2))
+    return jnp.take_along_axis(values, indices, axis=1)
+
+
+def _beam_search(forward, logits, cache, start_ids, static: _Static, dynamic):
+    """transformers' vectorised `_beam_search`. start_ids (B, P); logits (B*K, V) and cache for B*K rows
+    (the K beams of image b are rows b*K .. b*K+K-1). Returns the finished hypotheses, best first:
+    (sequences (B, K, max_length), lengths (B, K))."""
+    batch, prompt_length = start_ids.shape
+    beams, max_length = static.num_beams, static.max_length
+    vocab = logits.shape[-1]
+    keep = 2 * beams  # one eos token: max(2, 1 + n_eos) * num_beams candidates
+    early_true = dynamic["early_stopping"]
+    top_beam_mask = jnp.arange(keep) < beams
+
+    running = jnp.full((batch, beams, max_length), static.pad, jnp.int32)
+    running = running.at[:, :, :prompt_length].set(start_ids[:, None, :])
+    state = dict(
+        cur_len=jnp.int32(prompt_length),
+        running=running,
+        running_scores=jnp.zeros((batch, beams), jnp.float32).at[:, 1:].set(_BIG),
+        sequences=running,
+        lengths=jnp.full((batch, beams), prompt_length, jnp.int32),
+        scores=jnp.full((batch, beams), _BIG, jnp.float32),
+        finished=jnp.zeros((batch, beams), bool),
+        improvable=jnp.ones((batch, 1), bool),
+        done=jnp.bool_(False),
+        logits=logits,
+        cache=cache,
+    )
+
+    def body(state):
+        cur_len = state["cur_len"]
+        flat_running = state["running"].reshape(batch * beams, max_length)
+        log_probs = jax.nn.log_softmax(state["logits"], axis=-1)
+        log_probs = apply_repetition_penalty(log_probs, flat_running, cur_len, dynamic["repetition_penalty"])
+        log_probs = apply_min_length(log_probs, cur_len, dynamic["min_length"], static.eos)
+        accumulated = log_probs.reshape(batch, beams, vocab) + state["running_scores"][:, :, None]
+        topk_scores, topk_indices = jax.lax.top_k(accumulated.reshape(batch, beams * vocab), keep)
+        source_beam = topk_indices // vocab
+        tokens = (topk_indices % vocab).astype(jnp.int32)
+        topk_sequences = _write_column(_gather_beams(state["running"], source_beam), cur_len, tokens)
+        hits = (tokens == static.eos) | (cur_len + 1 >= max_length)
+
+        # Running beams for the next step: the best `beams` candidates that did not just finish.
+        running_candidates = topk_scores + hits.astype(jnp.float32) * _BIG
+        next_indices = jax.lax.top_k(running_candidates, beams)[1]
+        running = _gather_beams(topk_sequences, next_indices)
+        running_scores = _gather_beams(running_candidates, next_indices)
+        running_source = _gather_beams(source_beam, next_indices)
+
+        # Finished hypotheses: merge the candidates that just finished (top `beams` only) into the best.
+        just_finished = hits & top_beam_mask[None, :]
+        finished_scores = topk_scores / dynamic["final_denominator"][cur_len + 1 - prompt_length]
+        batch_full = jnp.all(state["finished"], axis=-1, keepdims=True) & early_true
+        finished_scores = finished_scores + batch_full.astype(jnp.float32) * _BIG
+        finished_scores = finished_scores + (~state["improvable"]).astype(jnp.float32) * _BIG
+        finished_scores = finished_scores + (~just_finished).astype(jnp.float32) * _BIG
+        merged_scores = jnp.concatenate([state["scores"], finished_scores], axis=1)
+        best = jax.lax.top_k(merged_scores, beams)[1]
+        sequences = _gather_beams(jnp.concatenate([state["sequences"], topk_sequences], axis=1), best)
+        lengths = _gather_beams(
+            jnp.concatenate([state["lengths"], jnp.full((batch, keep), cur_len + 1, jnp.int32)], axis=1), best)
+        scores = _gather_beams(merged_scores, best)
+        finished = _gather_beams(jnp.concatenate([state["finished"], just_finished], axis=1), best)
+
+        # Stopping: can a running beam still beat the worst finished one? (`_check_early_stop_heuristic`)
+        cur_len = cur_len + 1
+        best_possible = running_scores[:, :1] / dynamic["heuristic_denominator"][cur_len]
+        worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _BIG)
+        improvable = state["improvable"] & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
+        open_beams = ~(jnp.all(finished) & early_true)
+        done = ~(jnp.any(improvable) & open_beams & ~jnp.all(hits))
+
+        rows = (running_source + jnp.arange(batch)[:, None] * beams).reshape(batch * beams)
+        last_tokens = jax.lax.dynamic_index_in_dim(running, cur_len - 1, axis=2, keepdims=False)
+        last_tokens = last_tokens.reshape(batch * beams, 1)
+
+        def advance():
+            return forward(_reorder_self_attention_cache(state["cache"], rows), last_tokens)
+
+        logits, cache = jax.lax.cond(done, lambda: (state["logits"], state["cache"]), advance)
+        return dict(cur_len=cur_len, running=running, running_scores=running_scores, sequences=sequences,
+                    lengths=lengths, scores=scores, finished=finished, improvable=improvable, done=done,
+                    logits=logits, cache=cache)
+
+    state = jax.lax.while_loop(lambda state: ~state["done"], body, state)
+    # Pad (0) after each hypothesis. All `beams` finished hypotheses come back, best first, with their
+    # lengths; the caller keeps num_return_sequences of them (so that number needs no recompilation).
+    lengths = state["lengths"]
+    sequences = jnp.where(jnp.arange(max_length) < lengths[:, :, None], state["sequences"], static.pad)
+    return sequences, lengths
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model plumbing: image / question encoding, prefill, expansion to beams, then the loop.
+# ----------------------------------------------------------------------------------------------------
+_CROSS_LEAVES = ("cross_key", "cross_value")
+
+
+def _split_cross_attention(cache):
+    """cache -> (cross-attention K/V, everything else), as flat {path: array} dicts. The cross K/V are
+    constant during decoding, so they stay out of the loop state (no copies, no per-step traffic)."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(cache)
+    cross = {path: leaf for path, leaf in flat.items() if path[-1] in _CROSS_LEAVES}
+    return cross, {path: leaf for path, leaf in flat.items() if path[-1] not in _CROSS_LEAVES}
+
+
+def _decode(model, params, encoder_states, start_ids, static: _Static, dynamic):
+    """Prefill [DEC] + prompt against `encoder_states` (B, S, W) for B rows, expand to the beams /
+    returned sequences, and run the loop. Returns what the loop returns."""
+    from flax import traverse_util
+
+    from blip_jax.models.blip import init_decode_cache
+
+    batch = start_ids.shape[0]
+    cache = init_decode_cache(model, params, batch, static.max_length, encoder_states)
+
+    def apply(cache, ids, states):
+        logits, variables = model.apply({"params": params, "cache": cache}, ids, None, states, None,
+                                        decode=True, method="lm_logits", mutable=["cache"])
+        return logits[:, -1].astype(jnp.float32), variables["cache"]
+
+    # Prefill once per input: the prompt's self-attention K/V and the cross-attention K/V of the image
+    # (or question) tokens. The cross K/V keep one row per input: the model's cross-attention shares
+    # them between that input's beams / sampled sequences (blip_jax/models/med.py), so they are never
+    # repeated, copied or recomputed. Everything else is repeated to one row per beam / sequence.
+    logits, cache = apply(cache, start_ids, encoder_states)
+    cross, rest = _split_cross_attention(cache)
+    rows_per_input = static.rows_per_input
+    logits = jnp.repeat(logits, rows_per_input, axis=0)
+    rest = {path: jnp.repeat(leaf, rows_per_input, axis=0) if leaf.ndim else leaf for path, leaf in rest.items()}
+
+    def forward(rest, ids):
+        logits, cache = apply(traverse_util.unflatten_dict({**cross, **rest}), ids, None)
+        return logits, _split_cross_attention(cache)[1]
+
+    if static.mode == "beam":
+        return _beam_search(forward, logits, rest, start_ids, static, dynamic)
+    return _greedy_or_sample(forward, logits, rest, jnp.repeat(start_ids, rows_per_input, axis=0), static,
+                             dynamic)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "static"))
+def _caption_program(model, static, params, pixels, start_ids, dynamic):
+    image_embeds = model.apply({"params": params}, pixels, method="image_embeds")
+    return _decode(model, params, image_embeds, start_ids, static, dynamic)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "static"))
+def _answer_program(model, static, params, pixels, question_ids, question_mask, start_ids, dynamic):
+    image_embeds = model.apply({"params": params}, pixels, method="image_embeds")
+    question_states = model.apply({"params": params}, question_ids, question_mask, image_embeds,
+                                  method="encode_question")
+    # The answer decoder attends to every question state, padding included (all-ones mask), as both
+    # BLIP_VQA.generate and BlipForQuestionAnswering.generate do.
+    return _decode(model, params, question_states, start_ids, static, dynamic)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API.
+# ----------------------------------------------------------------------------------------------------
+def _text_config(model):
+    return model.config.text
+
+
+def decoder_start_ids(prompt_ids, batch_size: int, dec_token_id: int, pad_token_id: int = 0) -> np.ndarray:
+    """Tokenizer output for the prompt ([CLS] ... [SEP], shape (P+2,) or (1|B, P+2)) -> the decoder's
+    start ids (B, P+1): [CLS] becomes [DEC] and the trailing [SEP] is dropped (blip.md §2.6).
+    None -> [DEC] alone."""
+    if prompt_ids is None:
+        return np.full((batch_size, 1), dec_token_id, np.int32)
+    ids = np.array(prompt_ids, dtype=np.int64)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise ValueError(f"prompt_ids has shape {ids.shape}: pass the tokenizer's [CLS] ... [SEP] ids, "
+                         "shape (P,) or (batch, P) with P >= 2")
+    if ids.shape[0] == 1 and batch_size > 1:
+        ids = np.repeat(ids, batch_size, axis=0)
+    if ids.shape[0] != batch_size:
+        raise ValueError(f"prompt_ids has {ids.shape[0]} rows for {batch_size} images: pass one row or one per image")
+    if np.any(ids[:, :-1] == pad_token_id):
+        raise ValueError("prompt_ids contains padding: every row must be one unpadded prompt of the same length "
+                         "(call generate once per prompt length)")
+    ids[:, 0] = dec_token_id
+    return ids[:, :-1].astype(np.int32)
+
+
+def generate(model, params, pixels, prompt_ids=None, *, tokens=None, num_beams: int = 1, max_length: int = 20,
+             min_length: int = 0, repetition_penalty: float | None = None, length_penalty: float = 1.0,
+             early_stopping=False, do_sample: bool = False, top_p: float = 1.0, top_k: int = 0,
+             temperature: float = 1.0, num_return_sequences: int = 1, seed: int = 0) -> np.ndarray:
+    """Caption token ids, as `BlipForConditionalGeneration.generate` returns them.
+
+    model: a `Captioner` (or any model with `image_embeds` + decoder `lm_logits`); params its parameters.
+    pixels: (B, H, W, 3) float32 NHWC, preprocessed. prompt_ids: tokenizer ids of a prompt or None.
+    tokens: the special ids {pad, sep, dec, ...} (default: the model config's `tokens` or BLIP's).
+    max_length / min_length count [DEC] and the prompt tokens. repetition_penalty=None means BLIP's
+    default: 1.1 when sampling, 1.0 otherwise. top_k=0 is off (transformers samples with top_k=50 unless
+    told otherwise: pass top_k=50 for its default). early_stopping: False | True | "never".
+    Every argument except the shapes, num_beams, max_length, do_sample and num_return_sequences (when
+    sampling) is a runtime value: changing it reuses the compiled program.
+    Returns (B * num_return_sequences, L) int32 numpy.
+    """
+    pixels = jnp.asarray(pixels, jnp.float32)
+    if pixels.ndim != 4 or pixels.shape[-1] != 3:
+        raise ValueError(f"pixels has shape {tuple(pixels.shape)}: pass (batch, height, width, 3) NHWC float32 "
+                         "from blip_jax.preprocess_images")
+    tokens = dict(_default_tokens(model) if tokens is None else tokens)
+    start_ids = decoder_start_ids(prompt_ids, pixels.shape[0], tokens["dec"], tokens["pad"])
+    static, dynamic = _settings(
+        vocab_size=_text_config(model).vocab_size, eos=tokens["sep"], pad=tokens["pad"], num_beams=num_beams,
+        max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty,
+        length_penalty=length_penalty, early_stopping=early_stopping, do_sample=do_sample, top_p=top_p,
+        top_k=top_k, temperature=temperature, num_return_sequences=num_return_sequences, seed=seed,
+        prompt_length=start_ids.shape[1], max_positions=_text_config(model).max_position_embeddings)
+    result = _caption_program(model, static, params, pixels, jnp.asarray(start_ids), dynamic)
+    return _output(static, result, num_return_sequences)
+
+
+def answer(model, params, pixels, question_ids, question_mask=None, *, tokens=None, replace_cls_with_enc=True,
+           num_beams: int = 3, max_length: int = 10, min_length: int = 1, repetition_penalty: float | None = None,
+           length_penalty: float = 1.0, early_stopping=False, do_sample: bool = False, top_p: float = 1.0,
+           top_k: int = 0, temperature: float = 1.0, num_return_sequences: int = 1, seed: int = 0) -> np.ndarray:
+    """VQA answer ids, as `BlipForQuestionAnswering.generate` returns them (defaults: BLIP_VQA's beam 3,
+    max_length 10, min_length 1, blip.md §2.7).
+
+    model: a `VqaModel`. question_ids (B, T) tokenizer ids ([CLS] question [SEP], right padded) with
+    question_mask (B, T) (default: ids != pad). replace_cls_with_enc: put [ENC] in position 0 as BLIP
+    does (transformers passes the ids literally; give [ENC]-first ids to compare). Returns (B*n, L) int32.
+    """
+    pixels = jnp.asarray(pixels, jnp.float32)
+    tokens = dict(_default_tokens(model) if tokens is None else tokens)
+    question_ids = np.array(question_ids, dtype=np.int32)
+    if question_ids.ndim == 1:
+        question_ids = question_ids[None]
+    if question_ids.shape[0] == 1 and pixels.shape[0] > 1:
+        question_ids = np.repeat(question_ids, pixels.shape[0], axis=0)
+    if question_ids.ndim != 2 or question_ids.shape[0] != pixels.shape[0]:
+        raise ValueError(f"question_ids has shape {question_ids.shape} for {pixels.shape[0]} images: "
+                         "pass (batch, length) tokenizer ids, one row per image")
+    if question_mask is None:
+        question_mask = (question_ids != tokens["pad"]).astype(np.int32)
+    question_mask = np.broadcast_to(np.asarray(question_mask, np.int32), question_ids.shape)
+    if replace_cls_with_enc:
+        question_ids = question_ids.copy()
+        question_ids[:, 0] = tokens["enc"]
+    start_ids = np.full((pixels.shape[0], 1), tokens["dec"], np.int32)
+    static, dynamic = _settings(
+        vocab_size=_text_config(model).vocab_size, eos=tokens["sep"], pad=tokens["pad"], num_beams=num_beams,
+        max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty,
+        length_penalty=length_penalty, early_stopping=early_stopping, do_sample=do_sample, top_p=top_p,
+        top_k=top_k, temperature=temperature, num_return_sequences=num_return_sequences, seed=seed,
+        prompt_length=1, max_positions=_text_config(model).max_position_embeddings)
+    result = _answer_program(model, static, params, pixels, jnp.asarray(question_ids),
+                             jnp.asarray(question_mask), jnp.asarray(start_ids), dynamic)
+    return _output(static, result, num_return_sequences)
+
+
+def _output(static: _Static, result, num_return_sequences: int) -> np.ndarray:
+    """The device result -> (B * num_return_sequences, L) int32, cropped as transformers crops it: to the
+    loop's final length (greedy / sampling) or to the longest returned hypothesis (beam search)."""
+    sequences, lengths = jax.device_get(result)
+    if static.mode == "beam":
+        sequences = sequences[:, :num_return_sequences]
+        length = int(lengths[:, :num_return_sequences].max())
+        sequences = sequences.reshape(-1, sequences.shape[-1])
+    else:
+        length = int(lengths)
+    return np.ascontiguousarray(sequences[:, :length], dtype=np.int32)
+
+
+def _default_tokens(model) -> Mapping[str, int]:
+    """BLIP's special ids (bert-base-uncased + [DEC], [ENC]); ModelBundle passes its config's instead."""
+    del model
+    return {"pad": 0, "cls": 101, "sep": 102, "dec": 30522, "enc": 30523}
+
+
+def ids_to_text(tokenizer, ids, prompt: str | None = None) -> list[str]:
+    """Token ids -> strings: skip special tokens, then strip the prompt by its character count, as
+    BLIP does (`caption[len(prompt):]`, blip.md §2.6)."""
+    texts = tokenizer.batch_decode(np.asarray(ids).tolist(), skip_special_tokens=True)
+    if prompt:
+        texts = [text[len(prompt):] for text in texts]
+    return texts
