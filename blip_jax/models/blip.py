@@ -37,7 +37,19 @@ class _ImageEncoding:
         return self.visual_encoder(pixels, deterministic)
 
 
-class Captioner(_ImageEncoding, nn.Module):
+class _Decoding:
+    """Shared `lm_logits` method for models with an image- (or question-) grounded MED decoder."""
+
+    def lm_logits(self, input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask=None,
+                  deterministic=True, decode=False):
+        """Decoder logits (B, T, V) float32; ids start with [DEC]. `decode=True` uses the KV cache."""
+        decoder = self._decoder()
+        hidden = decoder(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                         mode="decoder", deterministic=deterministic, decode=decode)
+        return decoder.lm_logits(hidden)
+
+
+class Captioner(_ImageEncoding, _Decoding, nn.Module):
     """ViT + MED decoder (BLIP_Decoder, blip.md §2.6)."""
 
     config: BlipConfig
@@ -46,12 +58,8 @@ class Captioner(_ImageEncoding, nn.Module):
         self.visual_encoder = VisionTransformer(self.config.vision, self.config.options)
         self.text_decoder = Med(self.config.text, self.config.options, with_lm_head=True)
 
-    def lm_logits(self, input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask=None,
-                  deterministic=True, decode=False):
-        """Decoder logits (B, T, V) float32; ids start with [DEC]."""
-        hidden = self.text_decoder(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                   mode="decoder", deterministic=deterministic, decode=decode)
-        return self.text_decoder.lm_logits(hidden)
+    def _decoder(self):
+        return self.text_decoder
 
     def __call__(self, pixels, input_ids, attention_mask, deterministic=True):
         return self.lm_logits(input_ids, attention_mask, self.image_embeds(pixels, deterministic),
@@ -106,7 +114,7 @@ class Retriever(_ImageEncoding, nn.Module):
         return image_feat @ text_feat.T / self.temperature(), itm
 
 
-class Pretrainer(Retriever):
+class Pretrainer(_Decoding, Retriever):
     """BLIP_Pretrain (blip.md §2.3): one MED serves as text encoder, image-grounded encoder and decoder.
 
     Sharing is structural: `text_encoder` owns an extra `decoder_attention` per layer and an `lm_head`;
@@ -117,12 +125,8 @@ class Pretrainer(Retriever):
     def _make_text_encoder(self):
         return Med(self.config.text, self.config.options, with_lm_head=True, decoder_self_attention=True)
 
-    def lm_logits(self, input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask=None,
-                  deterministic=True, decode=False):
-        """Decoder logits (B, T, V) float32; ids start with [DEC]."""
-        hidden = self.text_encoder(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                   mode="decoder", deterministic=deterministic, decode=decode)
-        return self.text_encoder.lm_logits(hidden)
+    def _decoder(self):
+        return self.text_encoder  # the shared MED, in decoder mode
 
     def __call__(self, pixels, input_ids, attention_mask, deterministic=True):
         sim, itm = super().__call__(pixels, input_ids, attention_mask, deterministic)
@@ -130,7 +134,7 @@ class Pretrainer(Retriever):
         return sim, itm, self.lm_logits(input_ids, attention_mask, image_embeds, deterministic=deterministic)
 
 
-class VqaModel(_ImageEncoding, nn.Module):
+class VqaModel(_ImageEncoding, _Decoding, nn.Module):
     """BLIP_VQA (blip.md §2.7): image-grounded question encoder + an answer decoder that cross-attends
     to the question states (so its cross-attention K/V width is the text width). Not tied."""
 
@@ -147,12 +151,8 @@ class VqaModel(_ImageEncoding, nn.Module):
         return self.text_encoder(input_ids, attention_mask, image_embeds, mode="multimodal",
                                  deterministic=deterministic)
 
-    def lm_logits(self, input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask=None,
-                  deterministic=True, decode=False):
-        """Answer decoder logits (B, T, V) float32 given question states; ids start with [DEC]."""
-        hidden = self.text_decoder(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                   mode="decoder", deterministic=deterministic, decode=decode)
-        return self.text_decoder.lm_logits(hidden)
+    def _decoder(self):
+        return self.text_decoder  # attends to the question states, not to the image
 
     def __call__(self, pixels, question_ids, question_mask, answer_ids, answer_mask, deterministic=True):
         question_states = self.encode_question(question_ids, question_mask, self.image_embeds(pixels, deterministic),
