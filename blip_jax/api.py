@@ -72,99 +72,78 @@ class ModelBundle:
     def _variables(self, params):
         return {"params": self.params if params is None else params}
 
+    def _call(self, name: str, forward: Callable, params, pixels, *token_arrays):
+        """forward(module, pixels, *token_arrays) as one cached jitted program (pixels f32, tokens i32)."""
+        model = self.model
+
+        def fn(variables, *args):
+            return model.apply(variables, *args, method=forward)
+
+        args = [jnp.asarray(pixels, jnp.float32)] + [jnp.asarray(a, jnp.int32) for a in token_arrays]
+        return self._jitted(name, fn)(self._variables(params), *args)
+
     # -- pure methods ------------------------------------------------------------------------------
     def image_embeds(self, pixels, *, params=None):
         """pixels (B, H, W, 3) -> ViT tokens (B, 1 + N, D), [CLS] first."""
-        model = self.model
-
-        def fn(variables, pixels):
-            return model.apply(variables, pixels, method="image_embeds")
-
-        return self._jitted("image_embeds", fn)(self._variables(params), jnp.asarray(pixels, jnp.float32))
+        return self._call("image_embeds", lambda module, pixels: module.image_embeds(pixels), params, pixels)
 
     def itc_similarity(self, pixels, input_ids, attention_mask, *, params=None):
         """Cosine similarity (B_img, B_txt) of projected [CLS] image and unimodal text ([CLS]) features."""
         self._need("itc_similarity", ("retrieval", "pretrain"))
-        model = self.model
 
         def forward(module, pixels, input_ids, attention_mask):
             image_feat = module.image_features(module.image_embeds(pixels))
             text_feat = module.text_features(input_ids, attention_mask)
             return jnp.einsum("ie,te->it", image_feat, text_feat, precision=jax.lax.Precision.HIGHEST)
 
-        def fn(variables, pixels, input_ids, attention_mask):
-            return model.apply(variables, pixels, input_ids, attention_mask, method=forward)
-
-        return self._jitted("itc_similarity", fn)(
-            self._variables(params), jnp.asarray(pixels, jnp.float32), jnp.asarray(input_ids, jnp.int32),
-            jnp.asarray(attention_mask, jnp.int32))
+        return self._call("itc_similarity", forward, params, pixels, input_ids, attention_mask)
 
     def itm_logits(self, pixels, input_ids, attention_mask, *, params=None):
         """Image-text matching logits (B, 2) [no-match, match] for pair b = (pixels[b], text[b]); [ENC] first."""
         self._need("itm_logits", ("retrieval", "pretrain"))
-        model, enc = self.model, int(self.config.tokens.enc)
+        enc = int(self.config.tokens.enc)
 
         def forward(module, pixels, input_ids, attention_mask):
             return module.itm_logits(_with_first_token(input_ids, enc), attention_mask, module.image_embeds(pixels))
 
-        def fn(variables, pixels, input_ids, attention_mask):
-            return model.apply(variables, pixels, input_ids, attention_mask, method=forward)
-
-        return self._jitted("itm_logits", fn)(
-            self._variables(params), jnp.asarray(pixels, jnp.float32), jnp.asarray(input_ids, jnp.int32),
-            jnp.asarray(attention_mask, jnp.int32))
+        return self._call("itm_logits", forward, params, pixels, input_ids, attention_mask)
 
     def lm_logits(self, pixels, input_ids, attention_mask, *, params=None):
         """Image-conditioned decoder logits (B, T, V) float32, [DEC] first; logits[:, t] predicts token t + 1."""
         self._need("lm_logits", ("caption", "pretrain"),
                    "a VQA decoder reads the question; use answer_logits(pixels, question_ids, question_mask, "
                    "answer_ids, answer_mask)" if self.task == "vqa" else "")
-        model, dec = self.model, int(self.config.tokens.dec)
+        dec = int(self.config.tokens.dec)
 
         def forward(module, pixels, input_ids, attention_mask):
             return module.lm_logits(_with_first_token(input_ids, dec), attention_mask, module.image_embeds(pixels))
 
-        def fn(variables, pixels, input_ids, attention_mask):
-            return model.apply(variables, pixels, input_ids, attention_mask, method=forward)
-
-        return self._jitted("lm_logits", fn)(
-            self._variables(params), jnp.asarray(pixels, jnp.float32), jnp.asarray(input_ids, jnp.int32),
-            jnp.asarray(attention_mask, jnp.int32))
+        return self._call("lm_logits", forward, params, pixels, input_ids, attention_mask)
 
     def question_states(self, pixels, question_ids, question_mask, *, params=None):
         """VQA: image-grounded question encoder states (B, Tq, H), [ENC] first (blip.md §2.7)."""
         self._need("question_states", ("vqa",))
-        model, enc = self.model, int(self.config.tokens.enc)
+        enc = int(self.config.tokens.enc)
 
         def forward(module, pixels, question_ids, question_mask):
             return module.encode_question(_with_first_token(question_ids, enc), question_mask,
                                           module.image_embeds(pixels))
 
-        def fn(variables, pixels, question_ids, question_mask):
-            return model.apply(variables, pixels, question_ids, question_mask, method=forward)
-
-        return self._jitted("question_states", fn)(
-            self._variables(params), jnp.asarray(pixels, jnp.float32), jnp.asarray(question_ids, jnp.int32),
-            jnp.asarray(question_mask, jnp.int32))
+        return self._call("question_states", forward, params, pixels, question_ids, question_mask)
 
     def answer_logits(self, pixels, question_ids, question_mask, answer_ids, answer_mask, *, params=None):
         """VQA answer-decoder logits (B, Ta, V): question [ENC]-encoded with the image, answer [DEC] first,
         the decoder cross-attends to the (padded) question states as in the reference."""
         self._need("answer_logits", ("vqa",))
-        model, enc, dec = self.model, int(self.config.tokens.enc), int(self.config.tokens.dec)
+        enc, dec = int(self.config.tokens.enc), int(self.config.tokens.dec)
 
         def forward(module, pixels, question_ids, question_mask, answer_ids, answer_mask):
             states = module.encode_question(_with_first_token(question_ids, enc), question_mask,
                                             module.image_embeds(pixels))
             return module.lm_logits(_with_first_token(answer_ids, dec), answer_mask, states, question_mask)
 
-        def fn(variables, *args):
-            return model.apply(variables, *args, method=forward)
-
-        return self._jitted("answer_logits", fn)(
-            self._variables(params), jnp.asarray(pixels, jnp.float32), jnp.asarray(question_ids, jnp.int32),
-            jnp.asarray(question_mask, jnp.int32), jnp.asarray(answer_ids, jnp.int32),
-            jnp.asarray(answer_mask, jnp.int32))
+        return self._call("answer_logits", forward, params, pixels, question_ids, question_mask, answer_ids,
+                          answer_mask)
 
     # -- decoding (blip_jax/decode.py) --------------------------------------------------------------
     def _tokenizer(self, tokenizer):
