@@ -28,10 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip_jax.logits_processors import (  # noqa: F401  (public names re-exported)
-    as_float32,
-    apply_min_length, apply_repetition_penalty, apply_top_k, apply_top_p, sampling_scores,
-    top_p_filter)
+from blip_jax.logits_processors import (apply_min_length, apply_repetition_penalty, as_float32,
+                                       sampling_scores)
 
 _BIG = -1.0e9  # transformers' "very large negative" for beams that must not be picked
 

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     from blip_jax.convert import keymap
     from blip_jax.models.config import Options, VisionConfig
-    from blip_jax.models.vit import VisionTransformer, resample_pos_embed  # noqa: F401
+    from blip_jax.models.vit import VisionTransformer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 
 import blip_jax  # noqa: E402
-from blip_jax import decode  # noqa: E402
+from blip_jax import decode, logits_processors  # noqa: E402
 
 VOCAB, PAD, CLS, SEP, DEC, ENC = 64, 0, 1, 2, 62, 63
 SEEDS = (0, 1, 2)
@@ -242,7 +242,7 @@ def test_top_p_truncation_is_exact_on_a_hand_made_distribution():
     cases = [(0.3, {1}), (0.6, {1, 4}), (0.8, {1, 4, 2}), (0.95, {0, 1, 2, 3, 4}), (1.0, {0, 1, 2, 3, 4}),
              (0.0, {1})]
     for top_p, kept in cases:
-        ours = np.asarray(decode.top_p_filter(logits, top_p))[0]
+        ours = np.asarray(logits_processors.top_p_filter(logits, top_p))[0]
         assert set(np.flatnonzero(np.isfinite(ours))) == kept, top_p
         np.testing.assert_array_equal(ours[sorted(kept)], logits[0, sorted(kept)])
         if 0.0 < top_p < 1.0:
@@ -256,7 +256,7 @@ def test_top_k_and_temperature_match_transformers():
     logits = np.random.default_rng(0).normal(size=(3, 40)).astype(np.float32)
     for top_k in (1, 5, 17):
         theirs = TopKLogitsWarper(top_k)(None, TemperatureLogitsWarper(0.7)(None, torch.from_numpy(logits)))
-        ours = decode.apply_top_k(logits / np.float32(0.7), np.int32(top_k))
+        ours = logits_processors.apply_top_k(logits / np.float32(0.7), np.int32(top_k))
         np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
 
 
@@ -268,7 +268,7 @@ def test_repetition_penalty_matches_transformers():
     sequences = rng.integers(0, 20, size=(3, 9))
     cur_len = 6  # only the first 6 ids are the prefix
     theirs = RepetitionPenaltyLogitsProcessor(1.3)(torch.from_numpy(sequences[:, :cur_len]), torch.from_numpy(scores))
-    ours = decode.apply_repetition_penalty(scores, sequences, np.int32(cur_len), np.float32(1.3))
+    ours = logits_processors.apply_repetition_penalty(scores, sequences, np.int32(cur_len), np.float32(1.3))
     np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
 
 
