@@ -263,14 +263,21 @@ def ask_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-length", type=int, default=1, help="min answer tokens incl. [DEC] (1)")
 
 
-def _ask(args) -> int:
-    bundle = load_bundle(args, ("vqa",), "ask")
+def _single_image_inputs(args, tasks, command):
+    """(bundle, tokenizer, pixels (1, S, S, 3)) for a one-image command; pixels is None (reported) if unreadable."""
+    bundle = load_bundle(args, tasks, command)
     tok = load_tokenizer(args)
     _check_vocab(bundle, tok, args)
     try:
-        pixels = read_image(args.image, int(bundle.config.vision.image_size))[None]
+        return bundle, tok, read_image(args.image, int(bundle.config.vision.image_size))[None]
     except ValueError as error:
-        _error("ask", f"cannot read {args.image}: {error}")
+        _error(command, f"cannot read {args.image}: {error}")
+        return bundle, tok, None
+
+
+def _ask(args) -> int:
+    bundle, tok, pixels = _single_image_inputs(args, ("vqa",), "ask")
+    if pixels is None:
         return 1
     answers = bundle.answer_text(pixels, [args.question], tokenizer=tok, num_beams=args.beams,
                                  max_length=args.max_length, min_length=args.min_length)
@@ -331,13 +338,8 @@ def match_add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _match(args) -> int:
-    bundle = load_bundle(args, ("retrieval", "pretrain"), "match")
-    tok = load_tokenizer(args)
-    _check_vocab(bundle, tok, args)
-    try:
-        pixels = read_image(args.image, int(bundle.config.vision.image_size))[None]
-    except ValueError as error:
-        _error("match", f"cannot read {args.image}: {error}")
+    bundle, tok, pixels = _single_image_inputs(args, ("retrieval", "pretrain"), "match")
+    if pixels is None:
         return 1
     input_ids, attention_mask = _encode_texts(tok, args.texts)
     cosine, _, match = image_text_scores(bundle, pixels, input_ids, attention_mask)

@@ -256,17 +256,6 @@ class _Problems:
         raise KeyMappingError("\n".join(lines))
 
 
-def _flat_shapes(tree, prefix="") -> dict[str, tuple]:
-    out = {}
-    for name, value in tree.items():
-        path = f"{prefix}/{name}" if prefix else name
-        if isinstance(value, Mapping):
-            out.update(_flat_shapes(value, path))
-        else:
-            out[path] = tuple(value.shape)
-    return out
-
-
 def flatten(tree, prefix="") -> dict[str, object]:
     """Nested dict -> {'a/b/c': leaf}."""
     out = {}
@@ -304,7 +293,7 @@ def to_flax(state: Mapping[str, np.ndarray], expected, *, task: str, fmt: str, s
     Raises KeyMappingError listing every missing, unexpected, mis-shaped and disagreeing key at once.
     """
     rules = mapping_for(task, fmt)
-    expected_shapes = _flat_shapes(expected)
+    expected_shapes = {path: tuple(leaf.shape) for path, leaf in flatten(expected).items()}
     tolerate = set(tolerate)
     problems = _Problems()
     values: dict[str, np.ndarray] = {}

@@ -129,9 +129,13 @@ class Pretrainer(_Decoding, Retriever):
         return self.text_encoder  # the shared MED, in decoder mode
 
     def __call__(self, pixels, input_ids, attention_mask, deterministic=True):
-        sim, itm = super().__call__(pixels, input_ids, attention_mask, deterministic)
+        """Every path at once (used to initialise): ITC logits, ITM logits, LM logits, one ViT pass."""
         image_embeds = self.image_embeds(pixels, deterministic)
-        return sim, itm, self.lm_logits(input_ids, attention_mask, image_embeds, deterministic=deterministic)
+        image_feat = self.image_features(image_embeds)
+        text_feat = self.text_features(input_ids, attention_mask, deterministic)
+        itm = self.itm_logits(input_ids, attention_mask, image_embeds, deterministic=deterministic)
+        lm = self.lm_logits(input_ids, attention_mask, image_embeds, deterministic=deterministic)
+        return image_feat @ text_feat.T / self.temperature(), itm, lm
 
 
 class VqaModel(_ImageEncoding, _Decoding, nn.Module):
