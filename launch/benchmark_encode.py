@@ -27,6 +27,8 @@ def parse_args(argv=None):
     parser.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the blip-jax side")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="blip-jax compute dtype (params stay float32); the headline number is float32")
+    parser.add_argument("--images-per-pass", type=int, default=0,
+                        help="blip-jax ViT images per pass (0: automatic, see blip_jax/models/vit.py)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     parser.add_argument("--skip-torch", action="store_true", help="time blip-jax only")
     return parser.parse_args(argv)
@@ -40,13 +42,14 @@ def main(argv=None) -> int:
 
     import jax
     import jax.numpy as jnp
+    import flax.linen as nn
     import numpy as np
     import torch
     from transformers import BlipVisionConfig, BlipVisionModel
 
     from blip_jax.convert import keymap
     from blip_jax.models.config import Options, VisionConfig
-    from blip_jax.models.vit import VisionTransformer
+    from blip_jax.models.vit import VisionTransformer, encode_in_passes
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
 
     vision = VisionConfig(image_size=args.image_size, patch_size=16, width=768, depth=12, num_heads=12,
                           mlp_dim=3072, layer_norm_eps=1e-6)
-    module = VisionTransformer(vision, Options(dtype=args.dtype))
+    module = VisionTransformer(vision, Options(dtype=args.dtype, images_per_pass=args.images_per_pass))
     state = {"vision_model." + k: v.numpy() for k, v in torch_model.state_dict().items()}
     size = args.image_size
     expected = jax.eval_shape(lambda: {"visual_encoder": module.init(
@@ -72,7 +75,8 @@ def main(argv=None) -> int:
     params = keymap.to_flax(state, expected, task="caption", fmt="hf", source="BlipVisionModel")
     params = jax.device_put(params["visual_encoder"])
 
-    encode = jax.jit(lambda p, pixels: module.apply({"params": p}, pixels))
+    # encode_in_passes is what every BLIP model's image_embeds runs (cache-sized passes on CPU).
+    encode = jax.jit(lambda p, pixels: nn.apply(encode_in_passes, module)({"params": p}, pixels))
     rng = np.random.default_rng(0)
     pixels = rng.normal(size=(args.batch, size, size, 3)).astype(np.float32)
     pixels_nchw = torch.tensor(pixels.transpose(0, 3, 1, 2).copy())

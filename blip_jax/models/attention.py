@@ -45,7 +45,9 @@ def dot_product_attention(
             query, key, value, is_causal=causal, key_value_seq_lengths=lengths, implementation="cudnn")
 
     scale = query.shape[-1] ** -0.5
-    scores = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32) * scale
+    # Heads-major (B, H, T|S, Dh) operands make both products plain batched GEMMs (no relayout inside).
+    query, key, value = (x.swapaxes(1, 2) for x in (query, key, value))
+    scores = jnp.einsum("bhtd,bhsd->bhts", query, key, preferred_element_type=jnp.float32) * scale
     allowed = None
     if key_padding_mask is not None:
         allowed = key_padding_mask[:, None, None, :].astype(bool)
@@ -61,7 +63,7 @@ def dot_product_attention(
     if dropout_active:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhts,bshd->bthd", probs.astype(value.dtype), value)
+    return jnp.einsum("bhts,bhsd->bhtd", probs.astype(value.dtype), value).swapaxes(1, 2)
 
 
 class KeyValueCache(nn.Module):

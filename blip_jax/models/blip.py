@@ -12,7 +12,7 @@ import ml_collections
 
 from blip_jax.models.config import BlipConfig, frozen
 from blip_jax.models.med import Med
-from blip_jax.models.vit import VisionTransformer
+from blip_jax.models.vit import VisionTransformer, encode_in_passes
 
 TASKS = ("caption", "retrieval", "vqa", "pretrain")
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
@@ -34,7 +34,7 @@ class _ImageEncoding:
 
     def image_embeds(self, pixels, deterministic=True):
         """pixels (B, H, W, 3) normalised NHWC -> (B, 1 + N, D)."""
-        return self.visual_encoder(pixels, deterministic)
+        return encode_in_passes(self.visual_encoder, pixels, deterministic)
 
 
 class _Decoding:

@@ -53,6 +53,7 @@ def model_config(vision: str = "base", text: str = "base", image_size: int | Non
     config.param_dtype = "float32"
     config.attention_impl = "xla"
     config.remat = dict(vision_layers=0, text_layers=0, policy="nothing_saveable")
+    config.images_per_pass = 0  # 0: auto (models/vit.py images_per_pass)
     return config
 
 
@@ -95,6 +96,7 @@ class Options:
     remat_vision_layers: int = 0  # remat the last N ViT blocks
     remat_text_layers: int = 0  # remat the last N MED layers
     remat_policy: str = "nothing_saveable"  # a name in jax.checkpoint_policies
+    images_per_pass: int = 0  # ViT images per pass; 0 = auto (whole batch on GPU/TPU, cache-sized on CPU)
 
     @property
     def compute_dtype(self):
@@ -139,7 +141,10 @@ def frozen(config: ml_collections.ConfigDict) -> BlipConfig:
         remat_vision_layers=int(remat.get("vision_layers", 0)),
         remat_text_layers=int(remat.get("text_layers", 0)),
         remat_policy=str(remat.get("policy", "nothing_saveable")),
+        images_per_pass=int(config.get("images_per_pass", 0)),
     )
+    if options.images_per_pass < 0:
+        raise ValueError(f"model.images_per_pass {options.images_per_pass} must be >= 0 (0 = automatic)")
     if options.attention_impl not in ("xla", "cudnn"):
         raise ValueError(f"model.attention_impl {options.attention_impl!r} must be 'xla' or 'cudnn'")
     return BlipConfig(vision=vision, text=text, options=options, embed_dim=int(config.get("embed_dim", 256)))

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from blip_jax.models import build_model, init_params, model_config
-from blip_jax.models.vit import bicubic_matrix, resample_pos_embed
+from blip_jax.models.config import Options, VisionConfig
+from blip_jax.models.vit import bicubic_matrix, images_per_pass, resample_pos_embed
 
 
 def tiny_config(**vision):
@@ -94,3 +95,60 @@ def test_bad_image_size_is_one_clear_error():
     config = tiny_config(image_size=30)
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         build_model(config, "caption")
+
+
+def _embeds_and_grads(config, params, pixels):
+    model = build_model(config, "caption")
+
+    def loss(p):
+        tokens = model.apply({"params": p}, pixels, method="image_embeds")
+        return jnp.sum(tokens ** 2), tokens
+
+    (_, tokens), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return tokens, grads
+
+
+@pytest.mark.parametrize("per_pass", [1, 2, 3])
+def test_encoding_in_passes_gives_the_one_pass_results_and_gradients(per_pass):
+    config = tiny_config()
+    params = init_params(config, "caption", jax.random.key(0))
+    pixels = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    tokens, grads = _embeds_and_grads(config, params, pixels)
+    passes_config = tiny_config()
+    passes_config.images_per_pass = per_pass  # 3 does not divide 4: it falls back to 2
+    passes_tokens, passes_grads = _embeds_and_grads(passes_config, params, pixels)
+    np.testing.assert_allclose(passes_tokens, tokens, rtol=1e-5, atol=1e-6)
+    # Gradients are summed over passes instead of inside one GEMM: float32 reordering only.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), passes_grads, grads)
+    # Initialising through the loop gives the same parameter tree.
+    passes_params = init_params(passes_config, "caption", jax.random.key(0))
+    assert jax.tree.structure(passes_params) == jax.tree.structure(params)
+
+
+def test_encoding_in_passes_on_a_sharded_batch():
+    config = tiny_config()
+    config.images_per_pass = 8
+    params = init_params(config, "caption", jax.random.key(0))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    pixels = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(pixels, jax.NamedSharding(mesh, jax.P("data")))
+        tokens = jax.jit(lambda p, x: build_model(config, "caption").apply(
+            {"params": p}, x, method="image_embeds"))(params, sharded)
+    whole = build_model(tiny_config(), "caption").apply({"params": params}, pixels, method="image_embeds")
+    np.testing.assert_allclose(tokens, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_images_per_pass_policy():
+    vision = VisionConfig(image_size=384, patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072)
+    # ViT-B/16 at 384 px: 577 x 3072 float32 MLP activations (7.1 MB) per image; 16 MiB fit two.
+    assert images_per_pass(8, vision, Options(), 384) == 2
+    assert images_per_pass(8, vision, Options(), 224) == 4  # 197 tokens: 2.4 MB per image
+    assert images_per_pass(8, vision, Options(dtype="bfloat16"), 384) == 4
+    assert images_per_pass(8, vision, Options(images_per_pass=3), 384) == 2  # largest divisor <= 3
+    assert images_per_pass(7, vision, Options(), 384) == 1
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):  # a pass holds a multiple of the device count
+        assert images_per_pass(32, vision, Options(), 384) == 16
+        assert images_per_pass(8, vision, Options(), 384) == 8
+        assert images_per_pass(12, vision, Options(), 384) == 12  # not divisible by 8: one pass
