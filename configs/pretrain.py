@@ -2,7 +2,7 @@
 
 Variants (a few overrides of one base dict):
   tiny   CPU main job: the embedded `synthetic_shapes` dataset, a tiny ViT/MED, its own vocab;
-         ~8 minutes on 2 CPU cores, zero-shot test t2i R@1 60.9% (docs/readme_pretrain.md).
+         ~5 minutes on 2 idle CPU cores, zero-shot test t2i R@1 60.3% (README.md, "Pre-training").
          blip-jax pretrain --config configs/pretrain.py:tiny --workdir runs/tiny
   base   ViT-B/16 at 224 with the original configs/pretrain.yaml values (batch 75 per GPU x 8,
          queue 57,600, alpha 0.4 over 2 epochs, AdamW 3e-4 wd 0.05, warmup 3,000 steps then x0.9

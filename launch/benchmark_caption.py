@@ -26,6 +26,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--min-length", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each implementation (best is kept)")
+    parser.add_argument("--no-roofline", action="store_true", help="skip the GEMM-rate measurement")
     parser.add_argument("--vision", default="base", choices=("base", "small"), help="ViT size")
     parser.add_argument("--text", default="base", choices=("base", "small"), help="MED decoder size")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
@@ -101,6 +102,21 @@ def main(argv=None) -> int:
     print(f"generated ids identical: {identical}  (shape {ours.shape})")
     if not identical:
         print("transformers:\n", theirs, "\nblip-jax:\n", ours, file=sys.stderr)
+    if args.vision == "base" and args.text == "base" and not args.no_roofline:
+        # A floor under any float32 implementation: the work both must do (ViT, the cross-attention K/V of
+        # each image once, the decoder and LM head for every beam row and step that was run), all at this
+        # machine's best float32 GEMM rate.
+        from roofline import caption_flops, gemm_rates
+
+        image_tokens = (args.image_size // 16) ** 2 + 1
+        peak = max(gemm_rates(args.batch * image_tokens, 768, 3072).values())
+        steps = int((ours != tokens["pad"]).sum(-1).max()) - 1  # tokens after the [DEC] prompt
+        flops = caption_flops(args.batch, args.batch * args.beams, steps, args.image_size)
+        floor_s = flops / peak / 1e9
+        print(f"roofline: >= {flops / 1e9:.0f} GFLOP per batch ({steps} decoding steps), >= {floor_s:.1f} s at this "
+              f"machine's float32 GEMM rate ({peak:.0f} GFLOP/s): no float32 captioner can beat transformers "
+              f"here by more than {min(hf_times) / floor_s:.2f}x; blip-jax reaches {flops / min(jax_times) / 1e9:.0f} "
+              f"GFLOP/s")
     return 0 if identical else 1
 
 

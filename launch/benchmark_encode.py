@@ -3,13 +3,16 @@
     python launch/benchmark_encode.py                 # ViT-B/16, 384 px, batch 8, float32, all CPU cores
     python launch/benchmark_encode.py --xla-flags=--xla_cpu_experimental_xnn_fusion_type=dot
     python launch/benchmark_encode.py --dtype bfloat16   # bf16 compute on the jax side (not float32)
+    python launch/benchmark_encode.py --images-per-pass 8   # the whole batch in one pass (no CPU passes)
 
 Both models get identical random weights (copied through blip-jax's HF key map) and identical pixels;
 the script checks their outputs agree, then alternates timed rounds (torch, jax, torch, jax, ...) so
 background load hits both alike. It reports, per framework, the best and median wall time per batch
 (throughput = batch / best) and the process CPU seconds per batch (what the work costs, independent
-of how many cores other processes leave free), and the ratios of both.
-Weights are jit arguments (not baked-in constants), as in real use. See docs/readme_convert.md.
+of how many cores other processes leave free), and the ratios of both. Last it measures this machine's
+float32 GEMM rate in torch and XLA (launch/roofline.py) and prints what fraction of it each encoder
+reaches, and the ratio an encoder running every FLOP at that rate would have.
+Weights are jit arguments (not baked-in constants), as in real use. See README.md, "Image-encoder speed".
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--images-per-pass", type=int, default=0,
                         help="blip-jax ViT images per pass (0: automatic, see blip_jax/models/vit.py)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    parser.add_argument("--no-roofline", action="store_true", help="skip the GEMM-rate measurement")
     parser.add_argument("--skip-torch", action="store_true", help="time blip-jax only")
     return parser.parse_args(argv)
 
@@ -126,7 +130,26 @@ def main(argv=None) -> int:
     if "torch" in summary:
         print(f"ratio blip-jax / transformers: {summary['torch'][0] / summary['jax'][0]:.2f}x throughput "
               f"(best wall), {summary['torch'][1] / summary['jax'][1]:.2f}x CPU-seconds per batch")
+        if not args.no_roofline and args.dtype == "float32":
+            print_roofline(args, summary)
     return 0
+
+
+def print_roofline(args, summary) -> None:
+    """How fast float32 can go here: the encoder's FLOPs against the machine's measured GEMM rate."""
+    from roofline import gemm_rates, vit_flops
+
+    tokens = (args.image_size // 16) ** 2 + 1
+    rates = gemm_rates(args.batch * tokens, 768, 3072)  # fc1, the encoder's largest GEMM
+    peak = max(rates.values())
+    flops = args.batch * vit_flops(args.image_size)
+    print(f"roofline: {flops / 1e9:.0f} GFLOP per batch; float32 GEMM rate of this machine "
+          f"(({args.batch * tokens}x768) @ (768x3072)): torch {rates['torch']:.0f}, XLA {rates['jax']:.0f} GFLOP/s")
+    for name, label in (("jax", "blip-jax    "), ("torch", "transformers")):
+        achieved = flops / summary[name][0] / 1e9
+        print(f"  {label}: {achieved:.0f} GFLOP/s = {100 * achieved / peak:.0f}% of that rate")
+    limit = summary["torch"][0] / (flops / peak / 1e9)
+    print(f"  an encoder running every FLOP at that rate would be {limit:.2f}x transformers here")
 
 
 if __name__ == "__main__":
