@@ -28,16 +28,19 @@ def _cudnn_usable(query, key, dropout_active, mask) -> bool:
 
 def dot_product_attention(
     query, key, value, *, key_padding_mask=None, causal=False, mask=None,
-    dropout_rate=0.0, dropout_rng=None, deterministic=True, impl="xla",
+    dropout_rate=0.0, dropout_rng=None, deterministic=True, impl="xla", kv_heads_major=False,
 ):
     """Multi-head attention core.
 
-    query: (B, T, H, Dh); key/value: (B, S, H, Dh).
+    query: (B, T, H, Dh); key/value: (B, S, H, Dh), or (B, H, S, Dh) with `kv_heads_major` (how the
+    decoding cache keeps the cross-attention K/V, so that no step has to transpose them).
     key_padding_mask: (B, S) bool, True = attend (right padding). causal: mask j > i.
     mask: optional extra (B, 1|H, T, S) bool (used by the KV cache). Returns (B, T, H, Dh).
     """
     dropout_active = dropout_rate > 0.0 and not deterministic
     if impl == "cudnn" and _cudnn_usable(query, key, dropout_active, mask):
+        if kv_heads_major:
+            key, value = key.swapaxes(1, 2), value.swapaxes(1, 2)
         lengths = None
         if key_padding_mask is not None:
             lengths = key_padding_mask.astype(jnp.int32).sum(-1)
@@ -46,7 +49,9 @@ def dot_product_attention(
 
     scale = query.shape[-1] ** -0.5
     # Heads-major (B, H, T|S, Dh) operands make both products plain batched GEMMs (no relayout inside).
-    query, key, value = (x.swapaxes(1, 2) for x in (query, key, value))
+    query = query.swapaxes(1, 2)
+    if not kv_heads_major:
+        key, value = key.swapaxes(1, 2), value.swapaxes(1, 2)
     scores = jnp.einsum("bhtd,bhsd->bhts", query, key, preferred_element_type=jnp.float32) * scale
     allowed = None
     if key_padding_mask is not None:

@@ -44,12 +44,15 @@ class AttentionCore(nn.Module):
         split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, width // heads)  # noqa: E731
         query = split(_dense(width, options, "query")(hidden))
         extra_mask = None
+        kv_heads_major = False
         if self.cross and decode:
-            # Cross K/V: computed once at prefill (kv_states given), then read back every step.
+            # Cross K/V: computed once at prefill (kv_states given), then read back every step. The cache
+            # keeps them heads-major (B, H, S, Dh), the layout the attention products read.
+            kv_heads_major = True
             initialized = self.has_variable("cache", "cross_key")
             if kv_states is not None:
-                key = split(_dense(width, options, "key")(kv_states))
-                value = split(_dense(width, options, "value")(kv_states))
+                key = split(_dense(width, options, "key")(kv_states)).swapaxes(1, 2)
+                value = split(_dense(width, options, "value")(kv_states)).swapaxes(1, 2)
                 cross_key = self.variable("cache", "cross_key", jnp.zeros, key.shape, key.dtype)
                 cross_value = self.variable("cache", "cross_value", jnp.zeros, value.shape, value.dtype)
                 if initialized:
@@ -76,7 +79,7 @@ class AttentionCore(nn.Module):
         out = dot_product_attention(
             query, key, value, key_padding_mask=key_padding_mask, causal=causal, mask=extra_mask,
             dropout_rate=config.attention_dropout, dropout_rng=dropout_rng, deterministic=deterministic,
-            impl=options.attention_impl)
+            impl=options.attention_impl, kv_heads_major=kv_heads_major)
         return out.reshape(hidden.shape[0], hidden.shape[1], width)
 
 
