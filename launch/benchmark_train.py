@@ -62,7 +62,14 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     compiled = parts["train_step"].lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
+    flops_program = compiled
+    if jax.default_backend() == "cpu" or config.model.get("images_per_pass", 0) not in (0, b):
+        # The ViT may run in several passes (a loop; models/vit.py encode_in_passes), and XLA's cost
+        # analysis counts a loop body once: count the FLOPs of the same step with the ViT in one pass.
+        one_pass = config.copy_and_resolve_references()
+        one_pass.model.images_per_pass = b
+        flops_program = loop.build(one_pass, mesh)["train_step"].lower(state, batch).compile()
+    cost = flops_program.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float((cost or {}).get("flops", 0.0))
     memory = compiled.memory_analysis()

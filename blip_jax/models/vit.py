@@ -123,19 +123,20 @@ class VisionTransformer(nn.Module):
 
 
 # On a CPU the encoder is bound by memory traffic, not FLOPs, once a block's activations outgrow the
-# caches: fc1's (tokens, mlp_dim) output and the (heads, tokens, tokens) attention scores are streamed
-# through DRAM several times (bias, GELU; max, exp, sum, divide). Running the encoder a few images at a
-# time keeps them in L2/L3: ViT-B/16 at 384 px, batch 8, runs 1.36x faster on two cores
-# (launch/benchmark_encode.py). Accelerators run the whole batch in one pass.
-CPU_BYTES_PER_PASS = 16 << 20
+# caches: the (heads, tokens, tokens) attention scores and fc1's (tokens, mlp_dim) output are streamed
+# through DRAM several times (max, exp, sum, divide; bias, GELU). Running the encoder a few images at a
+# time keeps them in L2/L3: ViT-B/16 at 384 px, batch 8, runs 1.36x faster on two cores, two images a
+# pass (launch/benchmark_encode.py). A batch that fits the budget runs in one pass (at 224 px, batch 8,
+# passes gain nothing and the loop costs training ~5%). Accelerators run the whole batch in one pass.
+CPU_BYTES_PER_PASS = 32 << 20
 
 
 def images_per_pass(batch: int, config: VisionConfig, options: Options, image_size: int) -> int:
     """How many of `batch` images one pass of the encoder takes (a divisor of `batch`).
 
     `options.images_per_pass` > 0 asks for at most that many; 0 picks: the whole batch on GPU/TPU,
-    and on CPU the most images whose MLP activations fit CPU_BYTES_PER_PASS. A pass always holds a
-    multiple of the mesh's device count, so a batch sharded over the mesh stays evenly spread.
+    and on CPU the most images whose attention scores or MLP activations fit CPU_BYTES_PER_PASS. A pass
+    always holds a multiple of the mesh's device count, so a batch sharded over the mesh stays evenly spread.
     """
     mesh = jax.sharding.get_abstract_mesh()
     devices = 1 if mesh.empty else mesh.size
@@ -146,8 +147,9 @@ def images_per_pass(batch: int, config: VisionConfig, options: Options, image_si
         if jax.default_backend() != "cpu":
             return batch
         tokens = 1 + (image_size // config.patch_size) ** 2
-        image_bytes = tokens * config.mlp_dim * jnp.dtype(options.compute_dtype).itemsize
-        wanted = max(1, CPU_BYTES_PER_PASS // image_bytes) * devices
+        mlp_bytes = tokens * config.mlp_dim * jnp.dtype(options.compute_dtype).itemsize
+        score_bytes = config.num_heads * tokens * tokens * 4  # the softmax runs in float32
+        wanted = max(1, CPU_BYTES_PER_PASS // max(mlp_bytes, score_bytes)) * devices
     per_device = max(1, min(wanted, batch) // devices)
     while (batch // devices) % per_device:
         per_device -= 1

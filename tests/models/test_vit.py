@@ -141,10 +141,12 @@ def test_encoding_in_passes_on_a_sharded_batch():
 
 def test_images_per_pass_policy():
     vision = VisionConfig(image_size=384, patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072)
-    # ViT-B/16 at 384 px: 577 x 3072 float32 MLP activations (7.1 MB) per image; 16 MiB fit two.
+    # ViT-B/16 at 384 px: 12 x 577 x 577 float32 attention scores (16 MB) per image; 32 MiB fit two.
     assert images_per_pass(8, vision, Options(), 384) == 2
-    assert images_per_pass(8, vision, Options(), 224) == 4  # 197 tokens: 2.4 MB per image
-    assert images_per_pass(8, vision, Options(dtype="bfloat16"), 384) == 4
+    assert images_per_pass(8, vision, Options(dtype="bfloat16"), 384) == 2  # the scores stay float32
+    # At 224 px an image needs 2.4 MB (197 x 3072 MLP activations): a batch of 8 fits in one pass.
+    assert images_per_pass(8, vision, Options(), 224) == 8
+    assert images_per_pass(32, vision, Options(), 224) == 8  # 13 fit; the largest divisor of 32 <= 13
     assert images_per_pass(8, vision, Options(images_per_pass=3), 384) == 2  # largest divisor <= 3
     assert images_per_pass(7, vision, Options(), 384) == 1
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
