@@ -11,6 +11,7 @@ import flax.linen as nn
 import ml_collections
 
 from blip_jax.models.config import BlipConfig, frozen
+from blip_jax.models.layers import dense
 from blip_jax.models.med import Med
 from blip_jax.models.vit import VisionTransformer, encode_in_passes
 
@@ -25,8 +26,8 @@ def l2_normalize(x, eps=1e-12):
 
 
 def _head(features, config: BlipConfig, name):
-    return nn.Dense(features, dtype=config.options.compute_dtype, param_dtype=config.options.storage_dtype,
-                    name=name)
+    # flax's default (LeCun normal) init, not the encoders' truncated normal.
+    return dense(features, config.options, name, kernel_init=nn.linear.default_kernel_init)
 
 
 class _ImageEncoding:

@@ -10,24 +10,14 @@ parameters (embeddings, cross-attention, FFN, LM head) are the same modules in b
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
 from blip_jax.models.attention import KeyValueCache, dot_product_attention
 from blip_jax.models.config import Options, TextConfig
+from blip_jax.models.layers import dense, layer_norm, rematerialised
 
-dense_init = nn.initializers.truncated_normal(0.02)
 MODES = ("text", "multimodal", "decoder")
-
-
-def _dense(features, options, name):
-    return nn.Dense(features, dtype=options.compute_dtype, param_dtype=options.storage_dtype,
-                    kernel_init=dense_init, name=name)
-
-
-def _layer_norm(config, options, name):
-    return nn.LayerNorm(config.layer_norm_eps, dtype=jnp.float32, param_dtype=options.storage_dtype, name=name)
 
 
 class AttentionCore(nn.Module):
@@ -41,8 +31,11 @@ class AttentionCore(nn.Module):
     def __call__(self, hidden, kv_states, key_padding_mask, causal, deterministic, decode):
         config, options = self.config, self.options
         heads, width = config.num_heads, config.hidden_size
-        split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, width // heads)  # noqa: E731
-        query = split(_dense(width, options, "query")(hidden))
+
+        def project(name, states):  # (B, T, W) -> (B, T, heads, head_dim)
+            return dense(width, options, name)(states).reshape(states.shape[:2] + (heads, width // heads))
+
+        query = project("query", hidden)
         extra_mask = None
         kv_heads_major = False
         if self.cross and decode:
@@ -51,8 +44,7 @@ class AttentionCore(nn.Module):
             kv_heads_major = True
             initialized = self.has_variable("cache", "cross_key")
             if kv_states is not None:
-                key = split(_dense(width, options, "key")(kv_states)).swapaxes(1, 2)
-                value = split(_dense(width, options, "value")(kv_states)).swapaxes(1, 2)
+                key, value = (project(name, kv_states).swapaxes(1, 2) for name in ("key", "value"))
                 cross_key = self.variable("cache", "cross_key", jnp.zeros, key.shape, key.dtype)
                 cross_value = self.variable("cache", "cross_value", jnp.zeros, value.shape, value.dtype)
                 if initialized:
@@ -62,8 +54,7 @@ class AttentionCore(nn.Module):
                 value = self.get_variable("cache", "cross_value")
         else:
             source = kv_states if self.cross else hidden
-            key = split(_dense(width, options, "key")(source))
-            value = split(_dense(width, options, "value")(source))
+            key, value = project("key", source), project("value", source)
             if decode and not self.cross:
                 key, value, extra_mask, creating = KeyValueCache(name="cache")(key, value)
                 if not creating:
@@ -91,9 +82,9 @@ class AddNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x, residual, deterministic):
-        x = _dense(self.config.hidden_size, self.options, "dense")(x)
+        x = dense(self.config.hidden_size, self.options, "dense")(x)
         x = nn.Dropout(self.config.hidden_dropout)(x, deterministic=deterministic)
-        x = _layer_norm(self.config, self.options, "LayerNorm")(x + residual)
+        x = layer_norm(self.config.layer_norm_eps, self.options, "LayerNorm")(x + residual)
         return x.astype(self.options.compute_dtype)
 
 
@@ -117,7 +108,7 @@ class Intermediate(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.gelu(_dense(self.config.intermediate_size, self.options, "dense")(x), approximate=False)
+        return nn.gelu(dense(self.config.intermediate_size, self.options, "dense")(x), approximate=False)
 
 
 class MedLayer(nn.Module):
@@ -176,7 +167,7 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embed(config.max_position_embeddings, config.hidden_size,
                                             dtype=options.compute_dtype, param_dtype=options.storage_dtype,
                                             embedding_init=embed_init)
-        self.LayerNorm = nn.LayerNorm(config.layer_norm_eps, dtype=jnp.float32, param_dtype=options.storage_dtype)
+        self.LayerNorm = layer_norm(config.layer_norm_eps, options)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.decode_position = DecodePosition()
 
@@ -188,10 +179,6 @@ class Embeddings(nn.Module):
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
         x = self.LayerNorm(x).astype(self.options.compute_dtype)
         return self.dropout(x, deterministic=deterministic)
-
-    def attend(self, hidden):
-        """Project hidden states onto the (tied) word embedding matrix."""
-        return self.word_embeddings.attend(hidden)
 
     @property
     def word_embedding_matrix(self):
@@ -219,8 +206,8 @@ class _Transform(nn.Module):
 
     @nn.compact
     def __call__(self, hidden):
-        x = nn.gelu(_dense(self.config.hidden_size, self.options, "dense")(hidden), approximate=False)
-        return _layer_norm(self.config, self.options, "LayerNorm")(x).astype(self.options.compute_dtype)
+        x = nn.gelu(dense(self.config.hidden_size, self.options, "dense")(hidden), approximate=False)
+        return layer_norm(self.config.layer_norm_eps, self.options, "LayerNorm")(x).astype(self.options.compute_dtype)
 
 
 class Med(nn.Module):
@@ -238,8 +225,7 @@ class Med(nn.Module):
         for i in range(config.num_layers):
             layer_cls = MedLayer
             if i >= first_remat:
-                layer_cls = nn.remat(MedLayer, static_argnums=(5, 6, 7), prevent_cse=False,
-                                     policy=getattr(jax.checkpoint_policies, options.remat_policy))
+                layer_cls = rematerialised(MedLayer, options, static_argnums=(5, 6, 7))
             # setattr names the parameter subtree `layer_{i}`, as in the reference keys.
             setattr(self, f"layer_{i}", layer_cls(config, options, self.decoder_self_attention))
         if self.with_lm_head:

@@ -8,8 +8,7 @@ import numpy as np
 
 from blip_jax.models.attention import dot_product_attention
 from blip_jax.models.config import Options, VisionConfig
-
-dense_init = nn.initializers.truncated_normal(0.02)
+from blip_jax.models.layers import dense, dense_init, layer_norm, rematerialised
 
 
 class DropPath(nn.Module):
@@ -33,13 +32,12 @@ class VitAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dtype, param_dtype = self.options.compute_dtype, self.options.storage_dtype
         width, heads = self.config.width, self.config.num_heads
-        qkv = nn.Dense(3 * width, dtype=dtype, param_dtype=param_dtype, kernel_init=dense_init, name="qkv")(x)
+        qkv = dense(3 * width, self.options, "qkv")(x)
         qkv = qkv.reshape(x.shape[0], x.shape[1], 3, heads, width // heads)
         out = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], impl=self.options.attention_impl)
         out = out.reshape(x.shape[0], x.shape[1], width)
-        return nn.Dense(width, dtype=dtype, param_dtype=param_dtype, kernel_init=dense_init, name="proj")(out)
+        return dense(width, self.options, "proj")(out)
 
 
 class VitBlock(nn.Module):
@@ -51,12 +49,11 @@ class VitBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        dtype, param_dtype = self.options.compute_dtype, self.options.storage_dtype
-        eps = self.config.layer_norm_eps
+        dtype, eps = self.options.compute_dtype, self.config.layer_norm_eps
         drop_path = DropPath(self.drop_path_rate)
-        h = nn.LayerNorm(eps, dtype=jnp.float32, param_dtype=param_dtype, name="norm1")(x).astype(dtype)
+        h = layer_norm(eps, self.options, "norm1")(x).astype(dtype)
         x = x + drop_path(VitAttention(self.config, self.options, name="attn")(h), deterministic)
-        h = nn.LayerNorm(eps, dtype=jnp.float32, param_dtype=param_dtype, name="norm2")(x).astype(dtype)
+        h = layer_norm(eps, self.options, "norm2")(x).astype(dtype)
         h = Mlp(self.config, self.options, name="mlp")(h)
         return x + drop_path(h, deterministic)
 
@@ -69,10 +66,8 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dtype, param_dtype = self.options.compute_dtype, self.options.storage_dtype
-        x = nn.Dense(self.config.mlp_dim, dtype=dtype, param_dtype=param_dtype, kernel_init=dense_init, name="fc1")(x)
-        x = nn.gelu(x, approximate=False)
-        return nn.Dense(self.config.width, dtype=dtype, param_dtype=param_dtype, kernel_init=dense_init, name="fc2")(x)
+        x = nn.gelu(dense(self.config.mlp_dim, self.options, "fc1")(x), approximate=False)
+        return dense(self.config.width, self.options, "fc2")(x)
 
 
 class PatchEmbed(nn.Module):
@@ -116,10 +111,9 @@ class VisionTransformer(nn.Module):
         for i in range(config.depth):
             block = VitBlock
             if i >= first_remat:
-                block = nn.remat(VitBlock, static_argnums=(2,), prevent_cse=False,
-                                 policy=getattr(jax.checkpoint_policies, options.remat_policy))
+                block = rematerialised(VitBlock, options, static_argnums=(2,))
             x = block(config, options, float(rates[i]), name=f"blocks_{i}")(x, deterministic)
-        return nn.LayerNorm(config.layer_norm_eps, dtype=jnp.float32, param_dtype=param_dtype, name="norm")(x)
+        return layer_norm(config.layer_norm_eps, options, "norm")(x)
 
 
 # On a CPU the encoder is bound by memory traffic, not FLOPs, once a block's activations outgrow the
