@@ -38,6 +38,7 @@ def blip_json_dir(name: str, data_dir: str | None = None) -> str | None:
 
 def load_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """A prepared tfds builder for `name` (see the module docstring)."""
+    data_dir = default_data_dir(data_dir)
     if name == "synthetic_shapes":
         from blip_jax.data.builders import synthetic_shapes
         return synthetic_shapes.ensure_built(data_dir)
@@ -45,9 +46,9 @@ def load_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBui
     if directory:
         return tfds.builder_from_directory(directory)
     try:
-        builder = tfds.builder(name, data_dir=default_data_dir(data_dir))
+        builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(f"dataset {name!r} not found in {default_data_dir(data_dir)}: build it with "
+        raise ValueError(f"dataset {name!r} not found in {data_dir}: build it with "
                          f"`blip-jax build-dataset --name {name} ...` or set config.input.data_dir") from None
     return builder  # an unprepared one fails in read_split with a clear message
 

@@ -10,7 +10,6 @@ import math
 import jax
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from blip_jax.data import datasets, text, transforms
 
@@ -101,12 +100,10 @@ def host_train_batches(config, start_step: int = 0, process_index=None, process_
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _eval_shards(config, split, process_count):
-    """(builder, resolved split, per-process shards, their sizes)."""
+def _eval_split(config, split):
+    """(builder, resolved split) for `split`, default config.eval_split."""
     builder = datasets.load_builder(config.name, config.data_dir)
-    split = datasets.resolve_split(config.name, split or config.eval_split)
-    shards = tfds.even_splits(split, process_count) if process_count > 1 else [split]
-    return builder, split, shards, [datasets.num_examples(builder, s) for s in shards]
+    return builder, datasets.resolve_split(config.name, split or config.eval_split)
 
 
 def host_eval_batches(config, split=None, process_index=None, process_count=None):
@@ -114,7 +111,9 @@ def host_eval_batches(config, split=None, process_index=None, process_count=None
     'image' uint8, 'image_id' int32 (-1 pad), 'index' int32 (row in split order, -1 pad), 'mask' bool."""
     process_index, process_count = process_of(process_index, process_count)
     local_batch = local_batch_size(config.eval_batch_size, process_count)
-    builder, _, shards, sizes = _eval_shards(config, split, process_count)
+    builder, split = _eval_split(config, split)
+    shards = [datasets.process_split(split, i, process_count) for i in range(process_count)]
+    sizes = [datasets.num_examples(builder, shard) for shard in shards]
     num_batches = math.ceil(max(sizes) / local_batch)
     offset, local_size = sum(sizes[:process_index]), sizes[process_index]
     records = datasets.read_split(config.name, builder, shards[process_index])
@@ -139,8 +138,7 @@ def eval_texts(config, split=None) -> dict:
     'texts': pre_caption'd captions; 'text_image_index': (T,) int32 row of each text's image;
     'image_ids': (N,) int64; 'image_text_indices': N lists of text rows (image -> its texts).
     """
-    builder = datasets.load_builder(config.name, config.data_dir)
-    split = datasets.resolve_split(config.name, split or config.eval_split)
+    builder, split = _eval_split(config, split)
     records = datasets.read_split(config.name, builder, split).map(
         lambda example: {"image_id": example["image_id"], "captions": example["captions"]})
     texts, text_image_index, image_ids, image_text_indices = [], [], [], []

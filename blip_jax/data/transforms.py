@@ -14,8 +14,8 @@ import math
 
 import tensorflow as tf
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from blip_jax.preprocess import CLIP_MEAN, CLIP_STD
+
 FILL_VALUE = 128.0  # BLIP's RandomAugment fill colour (128, 128, 128)
 MAX_LEVEL = 10.0
 TRANSLATE_CONST = 10.0
@@ -70,11 +70,16 @@ def resize_bicubic(image: tf.Tensor, size: int) -> tf.Tensor:
     return _to_uint8(resized)
 
 
-def random_resized_crop(image: tf.Tensor, seed, size: int, scale=(0.2, 1.0)) -> tf.Tensor:
-    """RandomResizedCrop(size, scale, BICUBIC) on a decoded uint8 image."""
+def _random_crop(image: tf.Tensor, seed, scale) -> tf.Tensor:
+    """The RandomResizedCrop window of a decoded image, before the resize."""
     shape = tf.shape(image)
     top, left, h, w = tf.unstack(resized_crop_window(seed, shape[0], shape[1], scale))
-    return resize_bicubic(image[top:top + h, left:left + w], size)
+    return image[top:top + h, left:left + w]
+
+
+def random_resized_crop(image: tf.Tensor, seed, size: int, scale=(0.2, 1.0)) -> tf.Tensor:
+    """RandomResizedCrop(size, scale, BICUBIC) on a decoded uint8 image."""
+    return resize_bicubic(_random_crop(image, seed, scale), size)
 
 
 def decode_and_random_resized_crop(encoded: tf.Tensor, seed, size: int, scale=(0.2, 1.0)) -> tf.Tensor:
@@ -84,13 +89,8 @@ def decode_and_random_resized_crop(encoded: tf.Tensor, seed, size: int, scale=(0
         window = resized_crop_window(seed, shape[0], shape[1], scale)
         return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
 
-    def generic_crop():
-        image = decode_rgb(encoded)
-        shape = tf.shape(image)
-        top, left, h, w = tf.unstack(resized_crop_window(seed, shape[0], shape[1], scale))
-        return image[top:top + h, left:left + w]
-
-    crop = tf.cond(tf.io.is_jpeg(encoded), jpeg_crop, generic_crop)
+    crop = tf.cond(tf.io.is_jpeg(encoded), jpeg_crop,
+                   lambda: _random_crop(decode_rgb(encoded), seed, scale))
     crop.set_shape([None, None, 3])
     return resize_bicubic(crop, size)
 
@@ -146,15 +146,17 @@ def brightness(image: tf.Tensor, factor) -> tf.Tensor:
 
 def sharpness(image: tf.Tensor, factor) -> tf.Tensor:
     """BLIP's sharpness_func: blend with a 3x3 smoothing (centre 5/13) inside a 1-px border."""
-    kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
-    kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-    source = tf.cast(image, tf.float32)
-    degenerate = tf.round(tf.nn.depthwise_conv2d(source[None], kernel, [1, 1, 1, 1], "VALID")[0])
-    inner = degenerate + factor * (source[1:-1, 1:-1] - degenerate)
-    blended = tf.pad(inner, [[1, 1], [1, 1], [0, 0]]) + tf.pad(
-        tf.zeros_like(inner), [[1, 1], [1, 1], [0, 0]], constant_values=1.0) * source
-    out = tf.cast(tf.clip_by_value(tf.floor(blended), 0, 255), tf.uint8)
-    return tf.cond(tf.equal(factor, 1.0), lambda: image, lambda: out)
+    def blend():
+        kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+        kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+        source = tf.cast(image, tf.float32)
+        degenerate = tf.round(tf.nn.depthwise_conv2d(source[None], kernel, [1, 1, 1, 1], "VALID")[0])
+        inner = degenerate + factor * (source[1:-1, 1:-1] - degenerate)
+        blended = tf.pad(inner, [[1, 1], [1, 1], [0, 0]]) + tf.pad(
+            tf.zeros_like(inner), [[1, 1], [1, 1], [0, 0]], constant_values=1.0) * source
+        return tf.cast(tf.clip_by_value(tf.floor(blended), 0, 255), tf.uint8)
+
+    return tf.cond(tf.equal(factor, 1.0), lambda: image, blend)  # factor 1 (M=5): skip the conv
 
 
 def _warp(image: tf.Tensor, inverse_map) -> tf.Tensor:

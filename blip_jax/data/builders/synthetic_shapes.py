@@ -23,6 +23,8 @@ from PIL import Image, ImageDraw
 
 import tensorflow_datasets as tfds
 
+from blip_jax.data.text import SYNTHETIC_SHAPES_VOCAB
+
 IMAGE_SIZE = 64
 CAPTIONS_PER_IMAGE = 5
 SPLIT_SIZES = {"train": 6000, "val": 200, "test": 300}
@@ -148,7 +150,6 @@ def generate_split(split: str, size: int | None = None, seed_offset: int = 0):
                       "captions": scene_captions(rng, scene)}
 
 
-VOCAB_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "assets", "synthetic_shapes", "vocab.txt")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -159,7 +160,7 @@ def caption_corpus(size_per_split: int = 1000) -> list:
             for c in ex["captions"]]
 
 
-def write_vocab(path: str = VOCAB_PATH) -> list:
+def write_vocab(path: str = SYNTHETIC_SHAPES_VOCAB) -> list:
     """Trains a WordPiece vocab on the caption grammar (tokenizers, as BERT's) and writes vocab.txt.
 
     Regenerate with `python -m blip_jax.data.builders.synthetic_shapes`. Every caption word ends up a
@@ -204,8 +205,8 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
 
 def ensure_built(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """Builds synthetic_shapes under data_dir if missing (offline, seconds); returns its builder."""
-    data_dir = os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
-    builder = SyntheticShapes(data_dir=data_dir)
+    from blip_jax.data.datasets import default_data_dir
+    builder = SyntheticShapes(data_dir=default_data_dir(data_dir))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         try_download_gcs=False, verify_ssl=False))
     return builder
@@ -217,4 +218,4 @@ def image_digest(pixels: np.ndarray) -> str:
 
 
 if __name__ == "__main__":
-    print(f"wrote {len(write_vocab())} tokens to {os.path.abspath(VOCAB_PATH)}")
+    print(f"wrote {len(write_vocab())} tokens to {os.path.abspath(SYNTHETIC_SHAPES_VOCAB)}")
