@@ -51,6 +51,7 @@ class ModelBundle:
         self.task = task
         self.model = build_model(config, task)
         self._compiled: dict[str, Callable] = {}
+        self._tokenizers: dict = {}
 
     def __repr__(self):
         vision, text = self.config.vision, self.config.text
@@ -150,12 +151,11 @@ class ModelBundle:
         """A tokenizer object, or a name / path for blip_jax.tokenizer (loaded once per bundle)."""
         if not isinstance(tokenizer, (str, os.PathLike)):
             return tokenizer
-        cache = self.__dict__.setdefault("_tokenizers", {})
-        if tokenizer not in cache:
+        if tokenizer not in self._tokenizers:
             from blip_jax.data.text import tokenizer as load_tokenizer
 
-            cache[tokenizer] = load_tokenizer(os.fspath(tokenizer))
-        return cache[tokenizer]
+            self._tokenizers[tokenizer] = load_tokenizer(os.fspath(tokenizer))
+        return self._tokenizers[tokenizer]
 
     def generate(self, pixels, prompt_ids=None, num_beams=1, max_length=20, min_length=0, repetition_penalty=None,
                  length_penalty=1.0, do_sample=False, top_p=1.0, top_k=0, temperature=1.0, num_return_sequences=1,
@@ -303,10 +303,7 @@ def _retarget(config, params, found: str, task: str, image_size, source: str):
     # Go through the original key scheme: it names every module of every task once, so e.g. a
     # pre-training model's decoder path becomes a captioner's text_decoder (blip.md §2.3, §5.2).
     state = export_salesforce_state(params, found)
-    tolerate = ()
-    if task != found:
-        own = keymap.mapping_for(task, "sf")
-        tolerate = [key for key in state if not any(rule.torch_re.match(key) for rule in own)]
+    tolerate = keymap.other_task_keys(state, task, "sf") if task != found else ()
     return config, import_state(state, config, task, "sf", source, tolerate=tolerate)
 
 

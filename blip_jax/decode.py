@@ -2,7 +2,7 @@
 
 Every mode is one compiled XLA program per (model, shapes, mode): the image encoder, the prefill of the
 prompt (which also computes the cross-attention K/V once per image), and a `lax.while_loop` over the
-tokens, with no host round trip per token. The token ids are those transformers' `generate` returns
+tokens (decode_loops.py), with no host round trip per token. The token ids are those transformers' `generate` returns
 for the same model (blip.md §2.6, §2.7), step by step:
 
   greedy / sampling  `GenerationMixin._sample`: logits -> repetition penalty -> min length
@@ -28,10 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip_jax.logits_processors import (apply_min_length, apply_repetition_penalty, as_float32,
-                                       sampling_scores)
+from blip_jax.decode_loops import beam_search, greedy_or_sample
+from blip_jax.logits_processors import as_float32, top_p_threshold
 
-_BIG = -1.0e9  # transformers' "very large negative" for beams that must not be picked
+# BLIP's special ids (bert-base-uncased + [DEC], [ENC]): the default `tokens`; ModelBundle passes its config's.
+BLIP_TOKENS: Mapping[str, int] = {"pad": 0, "cls": 101, "sep": 102, "dec": 30522, "enc": 30523}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,153 +119,10 @@ def _settings(*, vocab_size, eos, pad, num_beams, max_length, min_length, repeti
         heuristic_denominator=as_float32(heuristic),
         temperature=as_float32(temperature),
         top_k=np.int32(top_k_effective),
-        # transformers removes sorted tokens whose cumulative probability is <= 1 - top_p (computed in
-        # Python, then compared in float32); top_p >= 1 disables the filter.
-        top_p_threshold=as_float32(1.0 - float(top_p) if float(top_p) < 1.0 else -1.0),
+        top_p_threshold=top_p_threshold(top_p),
         key=jax.random.key_data(jax.random.key(int(seed))),
     )
     return static, dynamic
-
-
-# ----------------------------------------------------------------------------------------------------
-# The decode loops. `forward(cache, ids (N, 1)) -> (logits (N, V) float32, cache)`.
-# ----------------------------------------------------------------------------------------------------
-def _reorder_self_attention_cache(cache, rows):
-    """Gather the decoder self-attention K/V (flat {path: array}) along axis 0 for beam search; scalars
-    (cache / position indices) stay. Cross K/V are not in here: they are shared by an image's beams."""
-    return {path: leaf[rows] if path[-1] in ("cached_key", "cached_value") else leaf
-            for path, leaf in cache.items()}
-
-
-def _write_column(sequences, column, values):
-    """sequences[..., column] = values for a traced column index."""
-    positions = jnp.arange(sequences.shape[-1])
-    return jnp.where(positions == column, values[..., None], sequences)
-
-
-def _greedy_or_sample(forward, logits, cache, start_ids, static: _Static, dynamic):
-    """transformers' `_sample` loop. start_ids (N, P); logits (N, V) for the next token.
-    Returns (sequences (N, max_length), length)."""
-    rows, prompt_length = start_ids.shape
-    max_length = static.max_length
-    sequences = jnp.full((rows, max_length), static.pad, jnp.int32).at[:, :prompt_length].set(start_ids)
-    key = jax.random.wrap_key_data(dynamic["key"])
-
-    def body(state):
-        cur_len, sequences, unfinished, _, logits, cache = state
-        if static.mode == "sample":
-            scores = sampling_scores(logits, sequences, cur_len, dynamic, static.eos)
-            tokens = jax.random.categorical(jax.random.fold_in(key, cur_len), scores, axis=-1)
-        else:
-            scores = apply_repetition_penalty(logits, sequences, cur_len, dynamic["repetition_penalty"])
-            scores = apply_min_length(scores, cur_len, dynamic["min_length"], static.eos)
-            tokens = jnp.argmax(scores, axis=-1)
-        tokens = jnp.where(unfinished, tokens.astype(jnp.int32), static.pad)
-        sequences = _write_column(sequences, cur_len, tokens)
-        unfinished = unfinished & (tokens != static.eos) & (cur_len + 1 < max_length)
-        done = ~jnp.any(unfinished)
-        logits, cache = jax.lax.cond(done, lambda: (logits, cache), lambda: forward(cache, tokens[:, None]))
-        return cur_len + 1, sequences, unfinished, done, logits, cache
-
-    state = (jnp.int32(prompt_length), sequences, jnp.ones((rows,), bool), jnp.bool_(False), logits, cache)
-    cur_len, sequences, *_ = jax.lax.while_loop(lambda state: ~state[3], body, state)
-    return sequences, cur_len
-
-
-def _gather_beams(values, indices):
-    """values (B, K, ...) , indices (B, K') -> (B, K', ...)."""
-    indices = indices.reshape(indices.shape + (1,) * (values.ndim - 2))
-    return jnp.take_along_axis(values, indices, axis=1)
-
-
-def _beam_search(forward, logits, cache, start_ids, static: _Static, dynamic):
-    """transformers' vectorised `_beam_search`. start_ids (B, P); logits (B*K, V) and cache for B*K rows
-    (the K beams of image b are rows b*K .. b*K+K-1). Returns the finished hypotheses, best first:
-    (sequences (B, K, max_length), lengths (B, K))."""
-    batch, prompt_length = start_ids.shape
-    beams, max_length = static.num_beams, static.max_length
-    vocab = logits.shape[-1]
-    keep = 2 * beams  # one eos token: max(2, 1 + n_eos) * num_beams candidates
-    early_true = dynamic["early_stopping"]
-    top_beam_mask = jnp.arange(keep) < beams
-
-    running = jnp.full((batch, beams, max_length), static.pad, jnp.int32)
-    running = running.at[:, :, :prompt_length].set(start_ids[:, None, :])
-    state = dict(
-        cur_len=jnp.int32(prompt_length),
-        running=running,
-        running_scores=jnp.zeros((batch, beams), jnp.float32).at[:, 1:].set(_BIG),
-        sequences=running,
-        lengths=jnp.full((batch, beams), prompt_length, jnp.int32),
-        scores=jnp.full((batch, beams), _BIG, jnp.float32),
-        finished=jnp.zeros((batch, beams), bool),
-        improvable=jnp.ones((batch, 1), bool),
-        done=jnp.bool_(False),
-        logits=logits,
-        cache=cache,
-    )
-
-    def body(state):
-        cur_len = state["cur_len"]
-        flat_running = state["running"].reshape(batch * beams, max_length)
-        log_probs = jax.nn.log_softmax(state["logits"], axis=-1)
-        log_probs = apply_repetition_penalty(log_probs, flat_running, cur_len, dynamic["repetition_penalty"])
-        log_probs = apply_min_length(log_probs, cur_len, dynamic["min_length"], static.eos)
-        accumulated = log_probs.reshape(batch, beams, vocab) + state["running_scores"][:, :, None]
-        topk_scores, topk_indices = jax.lax.top_k(accumulated.reshape(batch, beams * vocab), keep)
-        source_beam = topk_indices // vocab
-        tokens = (topk_indices % vocab).astype(jnp.int32)
-        topk_sequences = _write_column(_gather_beams(state["running"], source_beam), cur_len, tokens)
-        hits = (tokens == static.eos) | (cur_len + 1 >= max_length)
-
-        # Running beams for the next step: the best `beams` candidates that did not just finish.
-        running_candidates = topk_scores + hits.astype(jnp.float32) * _BIG
-        next_indices = jax.lax.top_k(running_candidates, beams)[1]
-        running = _gather_beams(topk_sequences, next_indices)
-        running_scores = _gather_beams(running_candidates, next_indices)
-        running_source = _gather_beams(source_beam, next_indices)
-
-        # Finished hypotheses: merge the candidates that just finished (top `beams` only) into the best.
-        just_finished = hits & top_beam_mask[None, :]
-        finished_scores = topk_scores / dynamic["final_denominator"][cur_len + 1 - prompt_length]
-        batch_full = jnp.all(state["finished"], axis=-1, keepdims=True) & early_true
-        finished_scores = finished_scores + batch_full.astype(jnp.float32) * _BIG
-        finished_scores = finished_scores + (~state["improvable"]).astype(jnp.float32) * _BIG
-        finished_scores = finished_scores + (~just_finished).astype(jnp.float32) * _BIG
-        merged_scores = jnp.concatenate([state["scores"], finished_scores], axis=1)
-        best = jax.lax.top_k(merged_scores, beams)[1]
-        sequences = _gather_beams(jnp.concatenate([state["sequences"], topk_sequences], axis=1), best)
-        lengths = _gather_beams(
-            jnp.concatenate([state["lengths"], jnp.full((batch, keep), cur_len + 1, jnp.int32)], axis=1), best)
-        scores = _gather_beams(merged_scores, best)
-        finished = _gather_beams(jnp.concatenate([state["finished"], just_finished], axis=1), best)
-
-        # Stopping: can a running beam still beat the worst finished one? (`_check_early_stop_heuristic`)
-        cur_len = cur_len + 1
-        best_possible = running_scores[:, :1] / dynamic["heuristic_denominator"][cur_len]
-        worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), _BIG)
-        improvable = state["improvable"] & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
-        open_beams = ~(jnp.all(finished) & early_true)
-        done = ~(jnp.any(improvable) & open_beams & ~jnp.all(hits))
-
-        rows = (running_source + jnp.arange(batch)[:, None] * beams).reshape(batch * beams)
-        last_tokens = jax.lax.dynamic_index_in_dim(running, cur_len - 1, axis=2, keepdims=False)
-        last_tokens = last_tokens.reshape(batch * beams, 1)
-
-        def advance():
-            return forward(_reorder_self_attention_cache(state["cache"], rows), last_tokens)
-
-        logits, cache = jax.lax.cond(done, lambda: (state["logits"], state["cache"]), advance)
-        return dict(cur_len=cur_len, running=running, running_scores=running_scores, sequences=sequences,
-                    lengths=lengths, scores=scores, finished=finished, improvable=improvable, done=done,
-                    logits=logits, cache=cache)
-
-    state = jax.lax.while_loop(lambda state: ~state["done"], body, state)
-    # Pad (0) after each hypothesis. All `beams` finished hypotheses come back, best first, with their
-    # lengths; the caller keeps num_return_sequences of them (so that number needs no recompilation).
-    lengths = state["lengths"]
-    sequences = jnp.where(jnp.arange(max_length) < lengths[:, :, None], state["sequences"], static.pad)
-    return sequences, lengths
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -313,8 +171,8 @@ def _decode(model, params, encoder_states, start_ids, static: _Static, dynamic):
         return logits, _split_cross_attention(cache)[1]
 
     if static.mode == "beam":
-        return _beam_search(forward, logits, rest, start_ids, static, dynamic)
-    return _greedy_or_sample(forward, logits, rest, jnp.repeat(start_ids, rows_per_input, axis=0), static,
+        return beam_search(forward, logits, rest, start_ids, static, dynamic)
+    return greedy_or_sample(forward, logits, rest, jnp.repeat(start_ids, rows_per_input, axis=0), static,
                              dynamic)
 
 
@@ -372,7 +230,7 @@ def generate(model, params, pixels, prompt_ids=None, *, tokens=None, num_beams: 
 
     model: a `Captioner` (or any model with `image_embeds` + decoder `lm_logits`); params its parameters.
     pixels: (B, H, W, 3) float32 NHWC, preprocessed. prompt_ids: tokenizer ids of a prompt or None.
-    tokens: the special ids {pad, sep, dec, ...} (default: the model config's `tokens` or BLIP's).
+    tokens: the special ids {pad, sep, dec, ...} (default: BLIP_TOKENS).
     max_length / min_length count [DEC] and the prompt tokens. repetition_penalty=None means BLIP's
     default: 1.1 when sampling, 1.0 otherwise. top_k=0 is off (transformers samples with top_k=50 unless
     told otherwise: pass top_k=50 for its default). early_stopping: False | True | "never".
@@ -384,7 +242,7 @@ def generate(model, params, pixels, prompt_ids=None, *, tokens=None, num_beams: 
     if pixels.ndim != 4 or pixels.shape[-1] != 3:
         raise ValueError(f"pixels has shape {tuple(pixels.shape)}: pass (batch, height, width, 3) NHWC float32 "
                          "from blip_jax.preprocess_images")
-    tokens = dict(_default_tokens(model) if tokens is None else tokens)
+    tokens = dict(BLIP_TOKENS if tokens is None else tokens)
     start_ids = decoder_start_ids(prompt_ids, pixels.shape[0], tokens["dec"], tokens["pad"])
     static, dynamic = _settings(
         vocab_size=_text_config(model).vocab_size, eos=tokens["sep"], pad=tokens["pad"], num_beams=num_beams,
@@ -408,7 +266,7 @@ def answer(model, params, pixels, question_ids, question_mask=None, *, tokens=No
     does (transformers passes the ids literally; give [ENC]-first ids to compare). Returns (B*n, L) int32.
     """
     pixels = jnp.asarray(pixels, jnp.float32)
-    tokens = dict(_default_tokens(model) if tokens is None else tokens)
+    tokens = dict(BLIP_TOKENS if tokens is None else tokens)
     question_ids = np.array(question_ids, dtype=np.int32)
     if question_ids.ndim == 1:
         question_ids = question_ids[None]
@@ -446,12 +304,6 @@ def _output(static: _Static, result, num_return_sequences: int) -> np.ndarray:
     else:
         length = int(lengths)
     return np.ascontiguousarray(sequences[:, :length], dtype=np.int32)
-
-
-def _default_tokens(model) -> Mapping[str, int]:
-    """BLIP's special ids (bert-base-uncased + [DEC], [ENC]); ModelBundle passes its config's instead."""
-    del model
-    return {"pad": 0, "cls": 101, "sep": 102, "dec": 30522, "enc": 30523}
 
 
 def ids_to_text(tokenizer, ids, prompt: str | None = None) -> list[str]:

@@ -97,12 +97,16 @@ def load_tokenizer(args):
     return tokenizer(DEFAULT_TOKENIZER)
 
 
-def _check_vocab(bundle, tok, args) -> None:
+def load_bundle_and_tokenizer(args, tasks: tuple[str, ...], command: str):
+    """(load_bundle(...), load_tokenizer(args)), checked to agree on the vocabulary and [DEC]."""
+    bundle = load_bundle(args, tasks, command)
+    tok = load_tokenizer(args)
     expected = int(bundle.config.text.vocab_size)
     if len(tok) != expected or tok.dec_token_id != int(bundle.config.tokens.dec):
         raise ValueError(f"the tokenizer has {len(tok)} tokens ([DEC] = {tok.dec_token_id}) but the model expects "
                          f"{expected} ([DEC] = {int(bundle.config.tokens.dec)}): pass the model's tokenizer "
                          "with --tokenizer")
+    return bundle, tok
 
 
 def _add_model_arguments(parser, image_size=True):
@@ -183,16 +187,13 @@ def _caption(args) -> int:
               file=sys.stderr)
         return 1 if failures or not images else 0
 
-    bundle = load_bundle(args, ("caption", "pretrain"), "caption")
-    tok = load_tokenizer(args)
-    _check_vocab(bundle, tok, args)
+    bundle, tok = load_bundle_and_tokenizer(args, ("caption", "pretrain"), "caption")
     image_size = int(bundle.config.vision.image_size)
     prompt_ids = np.asarray(tok(args.prompt)["input_ids"], np.int32)[None] if args.prompt else None
     settings = dict(num_beams=1 if args.sample else args.beams, max_length=args.max_length,
                     min_length=args.min_length, do_sample=args.sample, repetition_penalty=args.repetition_penalty,
                     top_p=args.top_p if args.sample else 1.0, top_k=args.top_k if args.sample else 0,
-                    temperature=args.temperature if args.sample else 1.0, seed=args.seed)
-    tokens = dict(bundle.config.tokens)
+                    temperature=args.temperature if args.sample else 1.0)
     batches = [todo[start:start + args.batch_size] for start in range(0, len(todo), args.batch_size)]
 
     if writer:
@@ -218,9 +219,8 @@ def _caption(args) -> int:
                     pad = args.batch_size - len(good)
                     if pad:
                         pixels = np.concatenate([pixels, np.repeat(pixels[-1:], pad, axis=0)])
-                    seed = args.seed + index  # a fresh draw per batch, reproducible
-                    ids = decode.generate(bundle.model, bundle.params, pixels, prompt_ids, tokens=tokens,
-                                          **{**settings, "seed": seed})[: len(good)]
+                    # A fresh draw per batch, reproducible.
+                    ids = bundle.generate(pixels, prompt_ids, seed=args.seed + index, **settings)[: len(good)]
                     captions = decode.ids_to_text(tok, ids, args.prompt or None)
                     for (path, _), caption in zip(good, captions):
                         if writer:
@@ -265,9 +265,7 @@ def ask_add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _single_image_inputs(args, tasks, command):
     """(bundle, tokenizer, pixels (1, S, S, 3)) for a one-image command; pixels is None (reported) if unreadable."""
-    bundle = load_bundle(args, tasks, command)
-    tok = load_tokenizer(args)
-    _check_vocab(bundle, tok, args)
+    bundle, tok = load_bundle_and_tokenizer(args, tasks, command)
     try:
         return bundle, tok, read_image(args.image, int(bundle.config.vision.image_size))[None]
     except ValueError as error:
@@ -300,35 +298,52 @@ def _encode_texts(tok, texts, max_length=35):
     return np.asarray(encoded["input_ids"], np.int32), np.asarray(encoded["attention_mask"], np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "enc_token_id", "with_itm"))
-def _image_text_program(model, enc_token_id, with_itm, params, pixels, input_ids, attention_mask):
-    def forward(module, pixels, input_ids, attention_mask):
-        image_embeds = module.image_embeds(pixels)  # (1, S, D): the image is encoded once
-        image_feat = module.image_features(image_embeds)
-        text_feat = module.text_features(input_ids, attention_mask)
-        cosine = jnp.einsum("ie,te->t", image_feat, text_feat, precision=jax.lax.Precision.HIGHEST)
-        match = None
-        if with_itm:
-            image_embeds = jnp.broadcast_to(image_embeds, (input_ids.shape[0],) + image_embeds.shape[1:])
-            logits = module.itm_logits(input_ids.at[:, 0].set(enc_token_id), attention_mask, image_embeds)
-            match = jax.nn.softmax(logits, axis=-1)[:, 1]
-        return cosine, module.temperature(), match
-
-    return model.apply({"params": params}, pixels, input_ids, attention_mask, method=forward)
+@functools.partial(jax.jit, static_argnames=("model",))
+def _text_program(model, params, input_ids, attention_mask):
+    return model.apply({"params": params}, input_ids, attention_mask, method="text_features")
 
 
-def image_text_scores(bundle, pixels, input_ids, attention_mask, with_itm=True):
-    """One image (1, S, S, 3) against T texts ([CLS] first, as the tokenizer gives them) -> (ITC cosine (T,),
-    ITC probability over the T texts = softmax(cosine / temp) (T,), ITM match probability (T,) or None).
-    The image is encoded once; ITM ([ENC] first) reuses its tokens for every text."""
-    cosine, temperature, match = _image_text_program(
-        bundle.model, int(bundle.config.tokens.enc), bool(with_itm), bundle.params, jnp.asarray(pixels, jnp.float32),
-        jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32))
+@functools.partial(jax.jit, static_argnames=("model",))
+def _itc_program(model, params, pixels, text_feat):
+    def forward(module, pixels, text_feat):
+        image_embeds = module.image_embeds(pixels)  # (1, S, D)
+        cosine = jnp.einsum("ie,te->t", module.image_features(image_embeds), text_feat,
+                            precision=jax.lax.Precision.HIGHEST)
+        return image_embeds, cosine, module.temperature()
+
+    return model.apply({"params": params}, pixels, text_feat, method=forward)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "enc_token_id"))
+def _itm_program(model, enc_token_id, params, image_embeds, input_ids, attention_mask):
+    def forward(module, image_embeds, input_ids, attention_mask):
+        image_embeds = jnp.broadcast_to(image_embeds, (input_ids.shape[0],) + image_embeds.shape[1:])
+        logits = module.itm_logits(input_ids.at[:, 0].set(enc_token_id), attention_mask, image_embeds)
+        return jax.nn.softmax(logits, axis=-1)[:, 1]
+
+    return model.apply({"params": params}, image_embeds, input_ids, attention_mask, method=forward)
+
+
+def text_features(bundle, input_ids, attention_mask):
+    """Projected text features (T, E) of T texts (int32 ids, [CLS] first, as _encode_texts gives them)."""
+    return _text_program(bundle.model, bundle.params, input_ids, attention_mask)
+
+
+def image_text_scores(bundle, pixels, text_feat):
+    """One image (1, S, S, 3) float32 against T text features -> (image tokens (1, S, D), ITC cosine (T,),
+    ITC probability over the T texts = softmax(cosine / temp) (T,))."""
+    image_embeds, cosine, temperature = _itc_program(bundle.model, bundle.params, pixels, text_feat)
     cosine = np.asarray(cosine)
     logits = cosine / float(temperature)
     itc_probability = np.exp(logits - logits.max())
     itc_probability /= itc_probability.sum()
-    return cosine, itc_probability, None if match is None else np.asarray(match)
+    return image_embeds, cosine, itc_probability
+
+
+def itm_probability(bundle, image_embeds, input_ids, attention_mask) -> np.ndarray:
+    """ITM match probability (T,) of one image's tokens (image_text_scores) with T texts ([ENC] goes first)."""
+    return np.asarray(_itm_program(bundle.model, int(bundle.config.tokens.enc), bundle.params, image_embeds,
+                                   input_ids, attention_mask))
 
 
 def match_add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -342,7 +357,8 @@ def _match(args) -> int:
     if pixels is None:
         return 1
     input_ids, attention_mask = _encode_texts(tok, args.texts)
-    cosine, _, match = image_text_scores(bundle, pixels, input_ids, attention_mask)
+    image_embeds, cosine, _ = image_text_scores(bundle, pixels, text_features(bundle, input_ids, attention_mask))
+    match = itm_probability(bundle, image_embeds, input_ids, attention_mask)
     print("itm_prob\titc_cosine\ttext")
     for text, probability, similarity in zip(args.texts, match, cosine):
         print(f"{probability:.4f}\t{similarity:.4f}\t{text}")
@@ -370,10 +386,9 @@ def _classify(args) -> int:
         raise ValueError(f"--labels {args.labels!r} names fewer than two classes: give a comma-separated list")
     if "{}" not in args.template:
         raise ValueError(f"--template {args.template!r} has no {{}} where the label goes")
-    bundle = load_bundle(args, ("retrieval", "pretrain"), "classify")
-    tok = load_tokenizer(args)
-    _check_vocab(bundle, tok, args)
+    bundle, tok = load_bundle_and_tokenizer(args, ("retrieval", "pretrain"), "classify")
     input_ids, attention_mask = _encode_texts(tok, [args.template.format(label) for label in labels])
+    text_feat = text_features(bundle, input_ids, attention_mask)  # once for every image
     image_size = int(bundle.config.vision.image_size)
     top_k = max(1, min(args.top_k, len(labels)))
     failed = 0
@@ -384,12 +399,12 @@ def _classify(args) -> int:
             _error("classify", f"cannot read {path}: {error}")
             failed += 1
             continue
-        cosine, probability, _ = image_text_scores(bundle, pixels, input_ids, attention_mask, with_itm=False)
+        image_embeds, cosine, probability = image_text_scores(bundle, pixels, text_feat)
         order = np.argsort(-probability, kind="stable")[:top_k]
         print(path)
         if args.itm_rerank:
             # ITC picks the top-k candidates, ITM orders them (the retrieval recipe, blip.md §2.4).
-            _, _, match = image_text_scores(bundle, pixels, input_ids[order], attention_mask[order])
+            match = itm_probability(bundle, image_embeds, input_ids[order], attention_mask[order])
             print("  rank\titm_prob\titc_prob\titc_cosine\tlabel")
             for rank, position in enumerate(np.argsort(-match, kind="stable"), 1):
                 label = order[position]

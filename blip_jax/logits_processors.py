@@ -14,6 +14,12 @@ def as_float32(x) -> np.ndarray:
     return np.asarray(x, np.float64).astype(np.float32)
 
 
+def top_p_threshold(top_p: float) -> np.ndarray:
+    """transformers drops sorted tokens whose cumulative probability is <= 1 - top_p (computed in Python,
+    compared in float32); top_p >= 1 disables the filter (threshold -1)."""
+    return as_float32(1.0 - float(top_p) if float(top_p) < 1.0 else -1.0)
+
+
 def _seen_tokens(sequences, cur_len, vocab_size):
     """(N, L) ids, of which the first cur_len are valid -> (N, V) bool: token occurs in the prefix."""
     rows = jnp.arange(sequences.shape[0])[:, None]
@@ -57,14 +63,17 @@ def apply_top_p(scores, threshold):
 
 def top_p_filter(logits, top_p: float):
     """The nucleus kept by `top_p` for (N, V) logits: the logits with everything outside set to -inf."""
-    threshold = as_float32(1.0 - float(top_p) if float(top_p) < 1.0 else -1.0)
-    return apply_top_p(jnp.asarray(logits, jnp.float32), threshold)
+    return apply_top_p(jnp.asarray(logits, jnp.float32), top_p_threshold(top_p))
+
+
+def apply_penalties(scores, sequences, cur_len, dynamic, eos):
+    """The processors every mode applies first: repetition penalty, then min length."""
+    scores = apply_repetition_penalty(scores, sequences, cur_len, dynamic["repetition_penalty"])
+    return apply_min_length(scores, cur_len, dynamic["min_length"], eos)
 
 
 def sampling_scores(logits, sequences, cur_len, dynamic, eos):
     """The processed scores a sampling step draws from (repetition, min length, temperature, top-k, top-p)."""
-    scores = apply_repetition_penalty(logits, sequences, cur_len, dynamic["repetition_penalty"])
-    scores = apply_min_length(scores, cur_len, dynamic["min_length"], eos)
-    scores = scores / dynamic["temperature"]
+    scores = apply_penalties(logits, sequences, cur_len, dynamic, eos) / dynamic["temperature"]
     scores = apply_top_k(scores, dynamic["top_k"])
     return apply_top_p(scores, dynamic["top_p_threshold"])

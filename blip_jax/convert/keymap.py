@@ -374,11 +374,11 @@ def to_torch(params, *, task: str, fmt: str, include_tied: bool = False) -> dict
     return state
 
 
-def known_torch_keys(fmt: str) -> Callable[[str], bool]:
-    """A predicate: does this torch key belong to *some* task of `fmt` (or is it ignored)?"""
-    rules = [rule for task in TASKS for rule in mapping_for(task, fmt)]
-
-    def known(key: str) -> bool:
-        return bool(IGNORED_KEYS.match(key)) or any(rule.torch_re.match(key) for rule in rules)
-
-    return known
+def other_task_keys(state: Iterable[str], task: str, fmt: str) -> list[str]:
+    """The keys of `state` that some other task of `fmt` uses but `task` does not (e.g. a pre-training
+    checkpoint's text encoder when loading a captioner): `to_flax(tolerate=...)` skips them."""
+    own = mapping_for(task, fmt)
+    rules = [rule for other in TASKS for rule in mapping_for(other, fmt)]
+    return [key for key in state
+            if (IGNORED_KEYS.match(key) or any(rule.torch_re.match(key) for rule in rules))
+            and not any(rule.torch_re.match(key) for rule in own)]

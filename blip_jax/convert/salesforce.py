@@ -180,12 +180,7 @@ def import_salesforce(src, task: str | None = None, image_size: int | None = Non
     if task not in keymap.TASKS:
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(keymap.TASKS)}")
     config = config_from_state(state, source, image_size, overrides)
-    tolerate = ()
-    if task != found:
-        # Keys other tasks use (e.g. a pre-training checkpoint's encoder when loading a captioner).
-        own = keymap.mapping_for(task, "sf")
-        known = keymap.known_torch_keys("sf")
-        tolerate = [key for key in state if known(key) and not any(rule.torch_re.match(key) for rule in own)]
+    tolerate = keymap.other_task_keys(state, task, "sf") if task != found else ()
     params = import_state(state, config, task, "sf", source, tolerate=tolerate)
     return config, params, task
 
