@@ -29,15 +29,7 @@ NO_DECAY_NAMES = re.compile(r"(^|/)(pos_embed|cls_token|temp)$")
 
 def path_str(path) -> str:
     """'a/b/c' for a jax tree path (dict keys, sequence indices, attributes)."""
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def make_schedule(optim_config, total_steps: int) -> Callable:

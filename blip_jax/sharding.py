@@ -113,11 +113,3 @@ def global_from_host(array, mesh):
     """A host array that every process holds in full -> a global array, batch axis sharded."""
     array = np.asarray(array)
     return jax.make_array_from_callback(array.shape, batch_sharding(mesh), lambda index: array[index])
-
-
-def process_batch_size(global_batch: int) -> int:
-    """This process's share of the global batch."""
-    if global_batch % jax.process_count():
-        raise ValueError(f"batch_size {global_batch} is not divisible by the "
-                         f"{jax.process_count()} processes: use a multiple of it")
-    return global_batch // jax.process_count()

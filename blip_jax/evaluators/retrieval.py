@@ -193,13 +193,11 @@ def evaluate_split(model, params, config, mesh, split=None) -> dict:
 
     image_embeds, image_feat = _collect(pipeline.eval_batches(input_config, mesh, split), image_fn, ("image",))
     texts = pipeline.eval_texts(input_config, split)
-    text_feat = _collect(pipeline.text_batches(input_config, mesh, texts["texts"]), text_fn,
-                         ("input_ids", "attention_mask"))
-    tokenized = _collect(pipeline.text_batches(input_config, mesh, texts["texts"]),
-                         lambda ids, mask: (ids, mask), ("input_ids", "attention_mask"))
+    text_feat, text_ids, text_mask = _collect(  # one pass: features and the tokens ITM re-ranks
+        pipeline.text_batches(input_config, mesh, texts["texts"]),
+        lambda ids, mask: (text_fn(ids, mask), ids, mask), ("input_ids", "attention_mask"))
     data = {"image_embeds": image_embeds, "image_feat": image_feat, "text_feat": text_feat,
-            "text_ids": tokenized[0], "text_mask": tokenized[1],
-            "txt2img": np.asarray(texts["text_image_index"])}
+            "text_ids": text_ids, "text_mask": text_mask, "txt2img": np.asarray(texts["text_image_index"])}
     k_test = int(config.eval.get("k_test", 0))
     result = rank_and_score(model, params, data, enc_token=int(config.model.tokens.enc), k_test=k_test,
                             batch_size=int(config.eval.batch_size), mesh=mesh)

@@ -137,32 +137,28 @@ def build(config, mesh):
                 train_step=step_lib.jit_train_step(train_step, shardings, mesh))
 
 
-def initial_state(config, workdir, parts, mesh):
-    """(state, meta, source): the resume order workdir -> config.resume -> init_from -> scratch."""
+def initial_state(config, workdir, parts):
+    """(state, source): the resume order workdir -> config.resume -> init_from -> scratch."""
     source = ckpt_lib.resume_source(workdir, config)
     key = jax.random.key(config.seed)
     if source.kind in ("workdir", "resume"):
         reader = ckpt_lib.Checkpointer(source.path, keep=config.keep_checkpoints)
         target = ckpt_lib.abstract_target(parts["abstract"], parts["shardings"])
-        state, meta = reader.restore(target, source.step)
+        state, _ = reader.restore(target, source.step)
         reader.close()
-        return state, meta, source
-    params = None
+        return state, source
+    params = None  # None: create_state initialises them
+    pretrained = config.init_vision_from or config.init_text_from
+    if source.kind == "init_from" or pretrained:  # fresh params on the host, partly overwritten
+        params = jax.device_get(jax.jit(lambda k: parts["init"](k)["params"])(key))
     if source.kind == "init_from":
-        fresh = jax.jit(lambda k: parts["init"](k)["params"])(key)
-        params = params_from_bundle(config.init_from, jax.device_get(fresh))
-    if config.init_vision_from or config.init_text_from:
+        params = params_from_bundle(config.init_from, params)
+    if pretrained:
         from blip_jax.train.pretrained_init import apply_pretrained
-        if params is None:
-            params = jax.jit(lambda k: parts["init"](k)["params"])(key)
-        params, lines = apply_pretrained(jax.device_get(params), config)
+        params, lines = apply_pretrained(params, config)
         for line in lines:
             _print(f"init: {line}")
-    if params is None:
-        state = jax.jit(parts["init"], out_shardings=parts["shardings"])(key)
-    else:
-        state = jax.jit(parts["init"], out_shardings=parts["shardings"])(key, params)
-    return state, {"step": 0}, source
+    return jax.jit(parts["init"], out_shardings=parts["shardings"])(key, params), source
 
 
 def params_from_bundle(src: str, fresh: dict) -> dict:
@@ -212,14 +208,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     config = ml_collections.ConfigDict(config.to_dict())  # a private, unlocked copy
     config.input.batch_size = config.batch_size
     apply_tokenizer(config)
-    _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    config_json = json.loads(config.to_json_best_effort())
+    _write_json(os.path.join(workdir, "config.json"), config_json)
 
     mesh = sharding.make_mesh(fsdp=config.sharding.fsdp)
     jax.set_mesh(mesh)
     _print(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
            f"{jax.process_count()} process(es); global batch {config.batch_size}")
     parts = build(config, mesh)
-    state, meta, source = initial_state(config, workdir, parts, mesh)
+    state, source = initial_state(config, workdir, parts)
     start_step = int(jax.device_get(state["step"]))
     _print(f"start: {source.kind}{' ' + str(source.path) if source.path else ''} at step {start_step}")
 
@@ -229,7 +226,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     def save(step):
         meta = {"step": int(step), "data_position": {"start_step": int(step), "examples_seen":
                                                      int(step) * int(config.batch_size)},
-                "config": json.loads(config.to_json_best_effort())}
+                "config": config_json}
         checkpointer.save(int(step), state, meta)
 
     from blip_jax.data import pipeline

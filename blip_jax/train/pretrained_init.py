@@ -25,6 +25,7 @@ import re
 
 import numpy as np
 
+from blip_jax.convert.keymap import flatten
 from blip_jax.models.vit import resample_pos_embed
 
 
@@ -209,8 +210,8 @@ def _rows(source: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def load_text(path: str, target: dict) -> dict:
     """`text_encoder` params from an HF BERT directory, fitted to `target` (our init)."""
-    state = _strip_prefix(read_state_dict(path), ("bert.", "model."))
     full = read_state_dict(path)
+    state = _strip_prefix(full, ("bert.", "model."))
     if "embeddings.word_embeddings.weight" not in state:
         raise ValueError(f"{path} is not an HF BERT checkpoint (no embeddings.word_embeddings.weight)")
     tree = {k: v for k, v in target.items()}  # crossattention etc. keep their init
@@ -246,20 +247,9 @@ def load_text(path: str, target: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        name = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flatten(v, name))
-        else:
-            out[name] = v
-    return out
-
-
 def _checked(tree: dict, target: dict, name: str) -> dict:
     """Check `tree` has exactly `target`'s structure and shapes; cast to the target dtypes."""
-    got, want = _flatten(tree), _flatten(target)
+    got, want = flatten(tree), flatten(target)
     problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
     problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
     problems += [f"{k}: {np.shape(got[k])} vs model {np.shape(want[k])}" for k in sorted(set(got) & set(want))

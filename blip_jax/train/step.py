@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from blip_jax import losses
+from blip_jax import losses, sharding
 from blip_jax.models.blip import TEMP_MAX, TEMP_MIN
 from blip_jax.train import state as state_lib
 
@@ -155,5 +155,5 @@ def make_train_step(model, config, tx, schedule, num_shards: int):
 
 def jit_train_step(train_step, state_shardings, mesh):
     """jax.jit over the mesh: the state keeps its shardings and is donated; metrics replicate."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_shardings, replicated))
+    return jax.jit(train_step, donate_argnums=(0,),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)))
